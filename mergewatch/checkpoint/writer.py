@@ -1,0 +1,263 @@
+"""Streaming, atomic safetensors writer (STYLE §5: write to staging, fsync, rename).
+
+The layout (names, dtypes, shapes) is known before the first byte is written (it is the base's), so
+the header is written first and tensors are then appended one at a time in canonical (sorted) order:
+the writer never holds more than the tensor it is given. Shards of at most ``shard_bytes`` of tensor
+data are written with a standard ``model.safetensors.index.json``. While writing, the writer computes
+each file's sha256 (for MANIFEST.json) and the checkpoint's content hash (see ``hashing``).
+
+``atomic_directory`` gives the staging/rename protocol used by every durable artefact: write into a
+fresh directory under ``.staging/``, fsync each file and the directory, rename into place, fsync the
+parent. A crash leaves at most a staging directory, never a partial final directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergewatch.checkpoint.hashing import ContentHasher
+from mergewatch.checkpoint.reader import DTYPES, TORCH_TO_CODE
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[TORCH_TO_CODE[self.dtype]][1]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (works for bf16, which numpy lacks)."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for s in specs:
+        header[s.name] = {"dtype": TORCH_TO_CODE[s.dtype], "shape": list(s.shape), "data_offsets": [off, off + s.nbytes]}
+        off += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data region to 8 bytes, as the reference writer does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def plan_shards(specs: Sequence[TensorSpec], shard_bytes: int | None) -> list[list[TensorSpec]]:
+    """Split specs (in order) into shards of at most ``shard_bytes`` data bytes (a larger tensor
+    gets a shard of its own). ``None`` means one file."""
+    if not shard_bytes:
+        return [list(specs)]
+    shards: list[list[TensorSpec]] = [[]]
+    used = 0
+    for s in specs:
+        if shards[-1] and used + s.nbytes > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(s)
+        used += s.nbytes
+    return shards
+
+
+class CheckpointWriter:
+    """Write a checkpoint into ``directory`` (which must exist and be a staging location).
+
+    Call ``write(name, tensor)`` once per spec, in spec order; ``close()`` finishes the files,
+    fsyncs them and returns ``files`` (name -> sha256) and ``content_sha256``.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        specs: Iterable[TensorSpec],
+        *,
+        shard_bytes: int | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.specs = sorted(specs, key=lambda s: s.name)
+        self.metadata = metadata
+        shards = plan_shards(self.specs, shard_bytes)
+        if len(shards) == 1:
+            self._names = [SINGLE_FILE]
+        else:
+            n = len(shards)
+            self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shards = shards
+        self._shard_of = {s.name: i for i, sh in enumerate(shards) for s in sh}
+        self._pos = 0
+        self._cur = -1
+        self._fh = None
+        self._sha = None
+        self.files: dict[str, str] = {}
+        self._content = ContentHasher()
+        self.content_sha256: str | None = None
+        self.bytes_written = 0
+
+    def _open_shard(self, i: int) -> None:
+        self._finish_shard()
+        self._cur = i
+        self._fh = open(self.directory / self._names[i], "wb")
+        self._sha = hashlib.sha256()
+        self._emit(_header_bytes(self._shards[i], self.metadata if len(self._shards) == 1 else None))
+
+    def _emit(self, data) -> None:
+        self._fh.write(data)
+        self._sha.update(data)
+        self.bytes_written += len(data)
+
+    def _finish_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self.files[self._names[self._cur]] = self._sha.hexdigest()
+            self._fh = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self.specs):
+            raise ValueError(f"writer: unexpected extra tensor '{name}'")
+        spec = self.specs[self._pos]
+        if name != spec.name:
+            raise ValueError(f"writer: expected tensor '{spec.name}' next, got '{name}'")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise ValueError(
+                f"writer: tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, layout says {spec.shape} {spec.dtype}"
+            )
+        shard = self._shard_of[name]
+        if shard != self._cur:
+            self._open_shard(shard)
+        data = tensor_bytes(tensor)
+        self._emit(data)
+        self._content.add(name, TORCH_TO_CODE[spec.dtype], spec.shape, data)
+        self._pos += 1
+
+    def close(self) -> dict[str, str]:
+        if self._pos != len(self.specs):
+            missing = [s.name for s in self.specs[self._pos:]]
+            raise ValueError(f"writer: {len(missing)} tensor(s) never written, first: {missing[0]}")
+        if not self.specs:
+            self._open_shard(0)
+        self._finish_shard()
+        if len(self._shards) > 1:
+            total = sum(s.nbytes for s in self.specs)
+            index = {
+                "metadata": {"total_size": total, **(self.metadata or {})},
+                "weight_map": {s.name: self._names[self._shard_of[s.name]] for s in self.specs},
+            }
+            raw = json.dumps(index, indent=2, sort_keys=True).encode("utf-8")
+            with open(self.directory / INDEX_FILE, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            self.files[INDEX_FILE] = hashlib.sha256(raw).hexdigest()
+        self.content_sha256 = self._content.hexdigest()
+        return dict(self.files)
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    shard_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> CheckpointWriter:
+    """Write an in-memory dict of tensors atomically to ``directory`` (tests, demo, small models)."""
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with atomic_directory(directory) as stage:
+        w = CheckpointWriter(stage, specs, shard_bytes=shard_bytes, metadata=metadata)
+        for s in w.specs:
+            w.write(s.name, tensors[s.name])
+        w.close()
+    return w
+
+
+def write_safetensors_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None) -> str:
+    """Write a single ``.safetensors`` file atomically (temp name, fsync, rename); returns its content sha."""
+    path = Path(path)
+    tmp_dir = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp_dir.mkdir(parents=True)
+    try:
+        specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+        w = CheckpointWriter(tmp_dir, specs, metadata=metadata)
+        for s in w.specs:
+            w.write(s.name, tensors[s.name])
+        w.close()
+        os.replace(tmp_dir / SINGLE_FILE, path)
+        fsync_path(path.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return w.content_sha256
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, *, staging_root: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a fresh staging directory that becomes ``final`` atomically when the block succeeds.
+
+    ``staging_root`` defaults to ``<parent>/.staging`` (same filesystem, so the rename is atomic).
+    ``final`` must not exist. On error the staging directory is removed and nothing appears.
+    """
+    final = Path(final)
+    root = Path(staging_root) if staging_root is not None else final.parent / ".staging"
+    root.mkdir(parents=True, exist_ok=True)
+    stage = root / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        for p in stage.rglob("*"):
+            if p.is_file():
+                fsync_path(p)
+        fsync_path(stage)
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; refusing to replace it")
+        os.rename(stage, final)
+        fsync_path(final.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def clear_staging(root: str | os.PathLike) -> int:
+    """Remove leftovers of interrupted writes under a ``.staging`` directory; returns how many."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    n = 0
+    for p in root.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        n += 1
+    return n

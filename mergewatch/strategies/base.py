@@ -1,0 +1,174 @@
+"""The strategy contract: what a continual merging policy declares and computes.
+
+A *strategy* turns (θ0, the new expert θ_t, the buffered experts, its previous state) into its new
+state and the published *views* (``deploy`` and ``init``). It never touches files: it describes its
+work as a list of **passes** over the model; the engine (``engine.py``) streams every tensor through
+each pass and writes what the pass emits (DESIGN §4).
+
+* A pass's ``tensor_fn(meta, inputs, ctx)`` is a pure function of the tensors of one name (float32)
+  and the whole-model scalars in ``ctx.scalars``. It returns tensors for *sinks* (state sets such as
+  ``"ema"`` or ``"S"``, and the views ``"deploy"``/``"init"``) and *stats*: tensors that the engine
+  sums over all tensor names. After the pass, ``reduce_fn(stats, ctx)`` turns the sums into scalars
+  for later passes (OPCM's λ, global TIES thresholds).
+* A sink written in one pass can be read back (``inputs.fresh``) in a later pass of the same step;
+  that is how two-pass methods apply a whole-model scalar while writing without keeping a second
+  copy of the model in memory.
+* ``frozen`` tensors never reach a strategy: the engine copies θ0's value into every sink.
+* The strategy's JSON state (``meta``) carries scalars between steps (λ_t, norms, t); tensor state
+  sets are stored as float32 safetensors.
+
+Strategies are small objects built from validated config parameters; the registry in
+``strategies/__init__.py`` is a plain dict name -> class (STYLE §1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+
+from mergewatch.checkpoint.roles import TensorRole
+
+VIEWS = ("deploy", "init")
+
+
+class BufferNeed(str, Enum):
+    """Which past experts must stay in the store after a step (the current one is always read)."""
+
+    NONE = "none"  # the running state is enough (ema, ft, OPCM, ...)
+    ALL = "all"  # every expert so far (deploy/init "all")
+
+
+class ViewSource(str, Enum):
+    """A view that is not computed by a pass."""
+
+    BASE = "base"  # the base checkpoint itself (init "zs")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the base's storage dtype: views are cast back to it
+    role: TensorRole
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    metas: Mapping[str, TensorMeta]  # sorted by name
+    n_blocks: int  # L = 1 + largest transformer block index (0 if none)
+    table: str  # name of the role table in use
+
+    @property
+    def mergeable(self) -> list[TensorMeta]:
+        return [m for m in self.metas.values() if m.role.mergeable]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from (config seed, expert content hash, tensor name, purpose) (SPEC §0)."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class StepContext:
+    """What a pass may know about the step besides the tensors of one name."""
+
+    t: int  # 1-based number of the expert being merged
+    seed: int
+    expert_ids: list[str]  # content sha256 of every expert merged, in order, this one last
+    model: ModelInfo
+    meta: dict  # the strategy's JSON state after step t-1 ({} before the first step)
+    scalars: dict = field(default_factory=dict)  # filled by reduce_fn of earlier passes
+
+    def generator(self, name: str, purpose: str, expert_id: str | None = None) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, expert_id or self.expert_ids[-1], name, purpose))
+        return g
+
+
+@dataclass
+class TensorInputs:
+    """Float32 tensors of one name. ``experts`` are the buffered experts (oldest first) the strategy
+    asked for; the last one is always θ_t."""
+
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    state: dict[str, torch.Tensor]
+    fresh: dict[str, torch.Tensor]
+
+    @property
+    def expert(self) -> torch.Tensor:
+        return self.experts[-1]
+
+
+@dataclass
+class PassOutput:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+TensorFn = Callable[[TensorMeta, TensorInputs, StepContext], PassOutput]
+ReduceFn = Callable[[dict[str, torch.Tensor], StepContext], dict]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One streaming pass. ``reads`` names what the engine loads per tensor: ``"experts"`` (all
+    buffered experts; otherwise only θ_t), ``"state"`` (previous state sets), ``"fresh"`` (sinks
+    written by earlier passes of this step). θ0 and θ_t are always loaded."""
+
+    name: str
+    tensor_fn: TensorFn
+    writes: tuple[str, ...] = ()
+    reduce_fn: ReduceFn | None = None
+    reads: frozenset[str] = frozenset()
+    label: str = ""  # shown in progress output
+
+
+class Strategy:
+    """Base class of every merge strategy. Subclasses set ``name`` and ``paper`` and implement
+    ``passes``; the others have defaults for a stateless strategy."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    #: True when the strategy assumes experts fine-tuned from θ0 (DFCMM methods: init must be zs).
+    requires_zs_init: ClassVar[bool] = False
+
+    def __init__(self, params: Mapping[str, Any]):
+        self.params = dict(params)
+
+    # What must be kept -------------------------------------------------------------------------
+    def buffer_need(self) -> BufferNeed:
+        return BufferNeed.NONE
+
+    def state_sets(self, t: int) -> tuple[str, ...]:
+        """Tensor sets stored after step t (each must be written by some pass)."""
+        return ()
+
+    # The step ----------------------------------------------------------------------------------
+    def passes(self, ctx: StepContext) -> Sequence[Pass]:
+        raise NotImplementedError
+
+    def view_sources(self, ctx: StepContext) -> dict[str, str]:
+        """view -> sink written by a pass, or ``ViewSource.BASE``."""
+        return {"deploy": "deploy", "init": "init"}
+
+    def next_meta(self, ctx: StepContext) -> dict:
+        """The JSON state to store after this step (scalars of ``ctx.scalars`` worth keeping)."""
+        return {}
+
+    def describe(self) -> dict:
+        """Name and hyper-parameters, for MANIFEST.json."""
+        return {"name": self.name, "paper": self.paper, **self.params}

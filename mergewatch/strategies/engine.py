@@ -1,0 +1,189 @@
+"""The streaming step engine: feeds every tensor of the model through a strategy's passes.
+
+Memory: for each tensor name the engine loads θ0, θ_t (and the buffered experts, previous state
+tensors and this step's earlier outputs when a pass asks for them), calls the pass's pure function,
+writes the results straight into open ``CheckpointWriter``s and drops them. Nothing model-sized is
+ever held: peak memory is a few tensors of the largest name, plus the strategy's own scalars.
+
+Outputs of one step go into a single directory (a staging directory that the caller renames into
+``state/<t>/`` once complete, see ``state.py``):
+
+    state.json                 strategy name, params, t, expert ids, meta, content hashes
+    sets/<name>/...            tensor state sets (float32)
+    views/<view>/...           published views (the base's storage dtype)
+
+All arithmetic is float32 (inputs are upcast when loaded); views are cast back to the base dtype.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.checkpoint.roles import RoleTable, num_blocks
+from mergewatch.checkpoint.writer import CheckpointWriter, TensorSpec
+from mergewatch.errors import MergewatchError
+from mergewatch.strategies.base import (
+    VIEWS,
+    ModelInfo,
+    PassOutput,
+    StepContext,
+    Strategy,
+    TensorInputs,
+    TensorMeta,
+    ViewSource,
+)
+
+#: progress(pass_label, pass_number, n_passes, done, total)
+Progress = Callable[[str, int, int, int, int], None]
+
+
+class StrategyError(MergewatchError):
+    """A strategy produced something inconsistent (a bug or an unsupported input)."""
+
+
+def build_model_info(base: LazyCheckpoint, table: RoleTable) -> ModelInfo:
+    metas = {}
+    for name in base:  # sorted
+        info = base.info(name)
+        metas[name] = TensorMeta(name, info.shape, info.torch_dtype, table.role_of(name, info.shape, info.torch_dtype))
+    return ModelInfo(metas, num_blocks(table, metas), table.name)
+
+
+@dataclass
+class StepResult:
+    directory: Path
+    meta: dict
+    sets: dict[str, str]  # state set -> content sha256
+    views: dict[str, dict]  # view -> {"source": "sink"|"base", "content_sha256", "files"}
+    seconds: float = 0.0
+    bytes_written: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def sink_path(directory: Path, sink: str, views: Sequence[str] = VIEWS) -> Path:
+    return directory / ("views" if sink in views else "sets") / sink
+
+
+def run_step(
+    strategy: Strategy,
+    ctx: StepContext,
+    base: LazyCheckpoint,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    prev_sets: Mapping[str, Mapping[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    shard_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> StepResult:
+    """Run one step of ``strategy`` writing into ``out_dir`` (an empty staging directory).
+
+    ``experts`` are the buffered experts oldest first, the new expert θ_t last (only θ_t unless the
+    strategy's buffer need is ALL). ``prev_sets`` are the previous step's state sets.
+    """
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    metas = ctx.model.metas
+    names = list(metas)
+    passes = list(strategy.passes(ctx))
+    state_sets = tuple(strategy.state_sets(ctx.t))
+    views = strategy.view_sources(ctx)
+    written: dict[str, LazyCheckpoint] = {}
+    hashes: dict[str, tuple[str, dict[str, str]]] = {}
+    bytes_written = 0
+    for pi, p in enumerate(passes):
+        writers: dict[str, CheckpointWriter] = {}
+        for sink in p.writes:
+            if sink in written or sink in writers:
+                raise StrategyError(f"{strategy.name}: sink '{sink}' written twice in one step")
+            d = sink_path(out_dir, sink)
+            d.mkdir(parents=True)
+            specs = [TensorSpec(n, metas[n].dtype if sink in VIEWS else _state_dtype(metas[n]), metas[n].shape) for n in names]
+            writers[sink] = CheckpointWriter(d, specs, shard_bytes=shard_bytes)
+        totals: dict[str, torch.Tensor] = {}
+        want_all = "experts" in p.reads
+        want_state = "state" in p.reads
+        want_fresh = "fresh" in p.reads
+        for i, name in enumerate(names):
+            meta = metas[name]
+            if not meta.role.mergeable:
+                frozen = base[name]
+                for sink, w in writers.items():
+                    w.write(name, frozen)
+                continue
+            inputs = TensorInputs(
+                base=_f32(base[name]),
+                experts=[_f32(e[name]) for e in (experts if want_all else experts[-1:])],
+                state={k: _f32(v[name]) for k, v in prev_sets.items()} if want_state else {},
+                fresh={k: _f32(v[name]) for k, v in written.items()} if want_fresh else {},
+            )
+            out = p.tensor_fn(meta, inputs, ctx)
+            if not isinstance(out, PassOutput):
+                raise StrategyError(f"{strategy.name}/{p.name}: tensor_fn must return PassOutput")
+            if set(out.tensors) != set(writers):
+                raise StrategyError(
+                    f"{strategy.name}/{p.name}: '{name}' produced sinks {sorted(out.tensors)}, the pass declares {sorted(writers)}"
+                )
+            for sink, tensor in out.tensors.items():
+                if tuple(tensor.shape) != meta.shape:
+                    raise StrategyError(f"{strategy.name}/{p.name}: '{name}' -> {sink} has shape {tuple(tensor.shape)}, expected {meta.shape}")
+                if not bool(torch.isfinite(tensor).all()):
+                    raise StrategyError(f"{strategy.name}/{p.name}: non-finite values in '{name}' -> {sink}")
+                w = writers[sink]
+                w.write(name, tensor.to(meta.dtype if sink in VIEWS else _state_dtype(meta)))
+            for k, v in out.stats.items():
+                v = v.detach().to(torch.float64)
+                totals[k] = totals[k] + v if k in totals else v.clone()
+            if progress:
+                progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
+        for sink, w in writers.items():
+            w.close()
+            bytes_written += w.bytes_written
+            hashes[sink] = (w.content_sha256, dict(w.files))
+            written[sink] = LazyCheckpoint(sink_path(out_dir, sink))
+        if p.reduce_fn is not None:
+            ctx.scalars.update(p.reduce_fn(totals, ctx))
+    for s in state_sets:
+        if s not in written:
+            raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
+    view_info: dict[str, dict] = {}
+    for v in VIEWS:
+        src = views.get(v)
+        if src == ViewSource.BASE:
+            view_info[v] = {"source": "base"}
+        elif src in written:
+            if src != v:
+                raise StrategyError(f"{strategy.name}: view '{v}' must be written to sink '{v}', not '{src}'")
+            view_info[v] = {"source": "sink", "content_sha256": hashes[v][0], "files": hashes[v][1]}
+        else:
+            raise StrategyError(f"{strategy.name}: view '{v}' has no source (got {src!r})")
+    # Scratch sinks (neither state nor view) are not kept.
+    for sink in list(written):
+        if sink not in state_sets and sink not in VIEWS:
+            shutil.rmtree(sink_path(out_dir, sink))
+    meta = strategy.next_meta(ctx)
+    return StepResult(
+        directory=out_dir,
+        meta=meta,
+        sets={s: hashes[s][0] for s in state_sets},
+        views=view_info,
+        seconds=time.monotonic() - t0,
+        bytes_written=bytes_written,
+        stats={k: v for k, v in ctx.scalars.items() if isinstance(v, (int, float, str, bool))},
+    )
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _state_dtype(meta: TensorMeta) -> torch.dtype:
+    """State sets keep float32 so that a resumed run is bit-identical to an uninterrupted one;
+    frozen (integer) tensors keep their own dtype."""
+    return torch.float32 if meta.role.mergeable else meta.dtype
