@@ -74,10 +74,29 @@ class TensorInfo:
         return n
 
 
+def _looks_like_pickle(head: bytes) -> bool:
+    # torch.save's zip format starts with a local zip header; raw pickles (torch.save with
+    # _use_new_zipfile_serialization=False, pickle.dump) start with PROTO 0x80 and a protocol byte.
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
 def _sniff_pickle(path: Path, head: bytes) -> None:
-    # torch.save's zip format starts with a local zip header; raw pickles start with PROTO 0x80.
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+    if _looks_like_pickle(head):
         raise CheckpointError(path, "file content is a PyTorch/pickle archive, not safetensors; " + PICKLE_REFUSAL)
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object hook: a repeated tensor name would silently shadow the first entry's bytes."""
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -86,6 +105,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     Checks: the 8-byte length and the JSON fit in the file; every entry has a supported dtype, a
     shape and offsets whose length equals prod(shape) * itemsize; entries do not overlap and cover
     the data region exactly up to the end of the file (so a truncated or padded file is caught).
+
+    Pickle sniffing only runs when the bytes cannot be safetensors: a valid header length such as
+    128 (``80 00 ..``) or 640 (``80 02 ..``) starts with the same byte as a pickle, so the cheap
+    magic-byte test alone would refuse perfectly good files.
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -96,19 +119,26 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             head = f.read(8)
             if len(head) < 8:
                 _sniff_pickle(path, head)
-                raise CheckpointError(path, f"file is {size} bytes: too short to be safetensors (truncated or empty)")
-            _sniff_pickle(path, head)
+                what = "empty (0 bytes)" if size == 0 else f"{size} bytes: too short to be safetensors (truncated)"
+                raise CheckpointError(path, f"file is {what}")
             (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER_BYTES:
-                raise CheckpointError(path, f"header length {n} is not plausible: not a safetensors file or corrupt")
-            if 8 + n > size:
-                raise CheckpointError(path, f"header claims {n} bytes but the file has only {size - 8} after the length: truncated")
-            raw = f.read(n)
+            plausible = 0 < n <= MAX_HEADER_BYTES and 8 + n <= size
+            first = f.read(1) if plausible else b""
+            if first != b"{":
+                _sniff_pickle(path, head)
+                if not 0 < n <= MAX_HEADER_BYTES:
+                    raise CheckpointError(path, f"header length {n} is not plausible: not a safetensors file or corrupt")
+                if 8 + n > size:
+                    raise CheckpointError(
+                        path, f"header claims {n} bytes but the file has only {size - 8} after the length: truncated"
+                    )
+                raise CheckpointError(path, "header does not start with '{': not a safetensors file or corrupt")
+            raw = first + f.read(n - 1)
     except OSError as e:
         raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(path, f"header is not valid JSON ({e}): corrupt file") from e
     if not isinstance(header, dict):
         raise CheckpointError(path, "header is not a JSON object: corrupt file")
@@ -125,9 +155,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPES:
             raise CheckpointError(path, f"tensor '{name}': unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
             raise CheckpointError(path, f"tensor '{name}': invalid shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
             raise CheckpointError(path, f"tensor '{name}': invalid data_offsets {offs!r}")
         begin, end = offs
         numel = 1
@@ -197,14 +227,15 @@ class LazyCheckpoint(Mapping):
         if index is not None:
             try:
                 data = json.loads(index.read_text("utf-8"))
-                weight_map = data["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
+            except (OSError, ValueError) as e:
                 raise CheckpointError(index, f"invalid index file: {e}") from e
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(index, "invalid index file: needs an object 'weight_map' {tensor: shard file}")
+            for tname, shard in weight_map.items():
+                if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard.startswith("."):
+                    raise CheckpointError(index, f"invalid shard name {shard!r} for tensor '{tname}' in weight_map")
             shard_names = sorted(set(weight_map.values()))
-            for shard in shard_names:
-                if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
-                    raise CheckpointError(index, f"invalid shard name {shard!r} in weight_map")
             missing = [s for s in shard_names if not (self.path / s).is_file()]
             if missing:
                 raise CheckpointError(self.path, f"index names shard(s) that are missing: {missing}")
@@ -219,9 +250,8 @@ class LazyCheckpoint(Mapping):
                 if name in infos:
                     raise CheckpointError(self.path, f"tensor '{name}' is stored in two shards")
                 if index is not None and weight_map.get(name) != f.name:
-                    raise CheckpointError(
-                        self.path, f"tensor '{name}' is in shard {f.name} but the index says {weight_map.get(name)!r}"
-                    )
+                    said = f"says {weight_map[name]!r}" if name in weight_map else "does not list it"
+                    raise CheckpointError(self.path, f"tensor '{name}' is in shard {f.name} but the index {said}")
                 infos[name] = info
         if index is not None:
             absent = sorted(set(weight_map) - set(infos))
@@ -235,10 +265,21 @@ class LazyCheckpoint(Mapping):
         info = self._infos[name]
         buf = bytearray(info.nbytes)
         if info.nbytes:
+            # One positioned read of exactly this tensor's span; loop because a single read(2)
+            # returns at most ~2 GiB on Linux (and may return less on network filesystems).
+            view = memoryview(buf)
+            got = 0
             with open(info.file, "rb", buffering=0) as f:
-                got = f.seek(info.start) == info.start and f.readinto(buf)
+                f.seek(info.start)
+                while got < info.nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
             if got != info.nbytes:
-                raise CheckpointError(info.file, f"tensor '{name}': short read (file changed or truncated)")
+                raise CheckpointError(
+                    info.file, f"tensor '{name}': short read, {got} of {info.nbytes} bytes (file changed or truncated)"
+                )
             t = torch.frombuffer(buf, dtype=info.torch_dtype)
         else:
             t = torch.empty(0, dtype=info.torch_dtype)

@@ -61,6 +61,8 @@ class Rule:
 
     @classmethod
     def parse(cls, d: dict, where: str) -> "Rule":
+        if not isinstance(d, dict):
+            raise ConfigError(where, f"a rule must be an object {{pattern, role, [blocks], [ndim]}}, got {d!r}")
         unknown = set(d) - {"pattern", "role", "blocks", "ndim", "note"}
         if unknown:
             raise ConfigError(where, f"unknown rule field(s) {sorted(unknown)}")
@@ -73,11 +75,11 @@ class Rule:
         except ValueError as e:
             raise ConfigError(where, f"role must be one of {[r.value for r in Role]}, got {d.get('role')!r}") from e
         blocks = d.get("blocks", 1)
-        if not isinstance(blocks, int) or (role is Role.FUSED_LINEAR and blocks < 2) or (role is not Role.FUSED_LINEAR and "blocks" in d):
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or (role is Role.FUSED_LINEAR and blocks < 2) or (role is not Role.FUSED_LINEAR and "blocks" in d):
             raise ConfigError(where, "'blocks' (>= 2) is required for fused_linear rules and only for them")
         ndim = d.get("ndim")
-        if ndim is not None and not isinstance(ndim, int):
-            raise ConfigError(where, "'ndim' must be an integer")
+        if ndim is not None and (not isinstance(ndim, int) or isinstance(ndim, bool) or ndim < 0):
+            raise ConfigError(where, f"'ndim' must be a non-negative integer, got {ndim!r}")
         return cls(pat, role, blocks, ndim)
 
 
@@ -92,21 +94,50 @@ class RoleTable:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "RoleTable":
+        if not isinstance(d, dict):
+            raise ConfigError(where, "a role table must be a JSON object")
         unknown = set(d) - {"name", "description", "detect_all", "block_pattern", "rules", "default"}
         if unknown:
             raise ConfigError(where, f"unknown table field(s) {sorted(unknown)}")
-        rules = [Rule.parse(r, f"{where}.rules[{i}]") for i, r in enumerate(d.get("rules", []))]
+        rules_in = d.get("rules", [])
+        if not isinstance(rules_in, list):
+            raise ConfigError(f"{where}.rules", "must be a list of rules")
+        rules = [Rule.parse(r, f"{where}.rules[{i}]") for i, r in enumerate(rules_in)]
+        try:
+            default = Role(d.get("default", "other"))
+        except ValueError as e:
+            raise ConfigError(f"{where}.default", f"must be one of {[r.value for r in Role]}, got {d.get('default')!r}") from e
         bp = d.get("block_pattern")
+        block_pattern = None
+        if bp:
+            try:
+                block_pattern = re.compile(bp)
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"{where}.block_pattern", f"invalid regex: {e}") from e
+            # block_index() reads group 1: without a group every lookup would raise IndexError later.
+            if block_pattern.groups < 1:
+                raise ConfigError(f"{where}.block_pattern", "needs a capturing group for the block number, e.g. 'layers\\.(\\d+)\\.'")
+        detect_in = d.get("detect_all", [])
+        if not isinstance(detect_in, list):
+            raise ConfigError(f"{where}.detect_all", "must be a list of regexes")
+        detect_all = []
+        for i, pat in enumerate(detect_in):
+            try:
+                detect_all.append(re.compile(pat))
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"{where}.detect_all[{i}]", f"invalid regex: {e}") from e
         return cls(
             name=d.get("name", where),
             rules=rules,
-            default=Role(d.get("default", "other")),
-            block_pattern=re.compile(bp) if bp else None,
-            detect_all=[re.compile(p) for p in d.get("detect_all", [])],
+            default=default,
+            block_pattern=block_pattern,
+            detect_all=detect_all,
             description=d.get("description", ""),
         )
 
     def with_overrides(self, overrides: Sequence[dict], where: str = "model.roles") -> "RoleTable":
+        if isinstance(overrides, (str, bytes, dict)):
+            raise ConfigError(where, "must be a list of rules")
         extra = [Rule.parse(r, f"{where}[{i}]") for i, r in enumerate(overrides)]
         return RoleTable(self.name, extra + self.rules, self.default, self.block_pattern, self.detect_all, self.description)
 
@@ -154,8 +185,10 @@ def load_table(name_or_path: str) -> RoleTable:
             )
     try:
         d = json.loads(p.read_text("utf-8"))
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise ConfigError("model.architecture", f"{p}: invalid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError("model.architecture", f"{p}: a role table must be a JSON object")
     return RoleTable.from_dict(d, p.stem)
 
 

@@ -110,6 +110,17 @@ class CheckpointWriter:
     ):
         self.directory = Path(directory)
         self.specs = sorted(specs, key=lambda s: s.name)
+        # Checked up front, before any byte is written: a repeated name would produce a header
+        # whose second entry shadows the first, and an unsupported dtype has no safetensors code.
+        for a, b in zip(self.specs, self.specs[1:]):
+            if a.name == b.name:
+                raise ValueError(f"writer: tensor '{a.name}' appears twice in the layout")
+        for s in self.specs:
+            if s.dtype not in TORCH_TO_CODE:
+                raise ValueError(
+                    f"writer: tensor '{s.name}' has dtype {s.dtype}, which safetensors here does not support "
+                    f"(supported: {', '.join(str(d) for d in TORCH_TO_CODE)})"
+                )
         self.metadata = metadata
         shards = plan_shards(self.specs, shard_bytes)
         if len(shards) == 1:
@@ -234,12 +245,16 @@ def atomic_directory(final: str | os.PathLike, *, staging_root: str | os.PathLik
     final = Path(final)
     root = Path(staging_root) if staging_root is not None else final.parent / ".staging"
     root.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        # Fail before the caller spends time filling a staging directory that could never land.
+        raise FileExistsError(f"{final} already exists; refusing to replace it")
     stage = root / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
         yield stage
-        for p in stage.rglob("*"):
-            if p.is_file():
+        # Files and sub-directories (a directory's entries are only durable once it is fsynced).
+        for p in sorted(stage.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_file() or p.is_dir():
                 fsync_path(p)
         fsync_path(stage)
         if final.exists():

@@ -140,6 +140,9 @@ def run_step(
             for k, v in out.stats.items():
                 v = v.detach().to(torch.float64)
                 totals[k] = totals[k] + v if k in totals else v.clone()
+            # Drop this name's tensors before the next name's are loaded (otherwise two names'
+            # inputs would be alive at once while the next TensorInputs is built).
+            del inputs, out
             if progress:
                 progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
         for sink, w in writers.items():

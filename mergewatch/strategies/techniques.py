@@ -6,14 +6,28 @@ a time. It never sees files or whole models. Techniques that need a whole-model 
 turned into scalars that ``merge`` then receives in ``MergeInputs.scalars``.
 
 Every technique is a small object built from its validated hyper-parameters; ``TECHNIQUES`` is the
-explicit registry name -> class. Named variants (``dare_ties``, ``breadcrumbs``) are presets of one
-class carrying their paper reference (STYLE §1).
+explicit registry name -> class. Named variants (``dare_ties``, ``breadcrumbs``) share the sign
+election and disjoint merge of TIES (``SignElectedMerge``) and differ only in how each task vector
+is sparsified; each carries its paper reference (STYLE §1).
+
+Conventions that every technique follows:
+
+* λ-scaled techniques (TA, TIES, DARE-TIES, DARE-TA, Breadcrumbs, MagMax) implement ``task_merge``,
+  the *unscaled* merged task vector τ_m; ``merge`` is then θ0 + λ·τ_m with λ = ``MergeInputs.lam``
+  (LiNeS, when used, has already replaced λ per tensor). Weight Weaving (``weaving.py``) reuses τ_m.
+* ``fused_linear`` tensors (q, k, v stacked by rows) are handled block by block wherever a rule is
+  not elementwise (TIES ``tensor`` trim, SLERP and Model Stock cosines; SPEC §1.2).
+* All randomness comes from ``MergeInputs.generator(purpose, i)`` (seeded per tensor and model by the
+  caller), never from the global RNG, so a replay is bit-identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
+from numbers import Real
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +52,13 @@ class MergeInputs:
     def task_vectors(self) -> list[torch.Tensor]:
         return [m - self.base for m in self.models]
 
+    def rng(self, purpose: str, i: int) -> torch.Generator:
+        """The seeded generator for ``(purpose, i)``; an error if the caller gave none (a technique
+        must never fall back to the global RNG: replays would differ)."""
+        if self.generator is None:
+            raise ValueError(f"{self.name}: this technique draws random numbers ({purpose}) and needs MergeInputs.generator")
+        return self.generator(purpose, i)
+
 
 @dataclass(frozen=True)
 class PrepPass:
@@ -51,20 +72,65 @@ class PrepPass:
     finish: Callable[[dict[str, torch.Tensor], Mapping[str, Any]], dict[str, Any]]
 
 
+# Parameter checks ------------------------------------------------------------------------------
+def is_finite_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def check_fraction(owner: str, key: str, v: Any, *, hi_inclusive: bool = False) -> float:
+    """``v`` in [0, 1) (or [0, 1]); a ValueError naming ``owner.key`` otherwise."""
+    ok = is_finite_number(v) and 0.0 <= float(v) and (float(v) <= 1.0 if hi_inclusive else float(v) < 1.0)
+    if not ok:
+        rng = "[0, 1]" if hi_inclusive else "[0, 1)"
+        raise ValueError(f"{owner}: parameter '{key}' must be a number in {rng}, got {v!r}")
+    return float(v)
+
+
+def check_choice(owner: str, key: str, v: Any, allowed: Sequence[str]) -> str:
+    if v not in allowed:
+        raise ValueError(f"{owner}: parameter '{key}' must be one of {list(allowed)}, got {v!r}")
+    return v
+
+
+def exact_fraction(v: float | Fraction) -> Fraction:
+    """The decimal value of ``v`` as written: ``repr`` of a float is the shortest decimal that
+    round-trips, so 0.8 is taken as 4/5 (not the binary double just above it)."""
+    return v if isinstance(v, Fraction) else Fraction(repr(float(v)))
+
+
+def exact_floor(frac: float | Fraction, n: int) -> int:
+    """⌊frac·n⌋ computed exactly in rational arithmetic (SPEC §1.2 "Counts"): ⌊0.2·20⌋ = 4, where
+    float code gives (1 − 0.8)·20 = 3.9999999999999996 → 3."""
+    return math.floor(exact_fraction(frac) * n)
+
+
+# Base class ----------------------------------------------------------------------------------
 class Technique:
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     #: True for techniques whose result is θ0 + λ·τ_merged (TA, TIES, DARE, Breadcrumbs, MagMax):
     #: these accept LiNeS and Weight Weaving.
     lambda_scaled: ClassVar[bool] = False
-    #: which of the parameters is the scaling factor (for lambda-scaled techniques)
+    #: the hyper-parameters and their defaults (every key is a config option)
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.defaults)
         if unknown:
-            raise TypeError(f"{self.name}: unknown parameter(s) {sorted(unknown)}")
+            raise TypeError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
         self.params = {**self.defaults, **params}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the parameter for an out-of-range value."""
+
+    def describe(self) -> dict:
+        """Name, paper and hyper-parameters (for MANIFEST.json)."""
+        return {"name": self.name, "paper": self.paper, **self.params}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
 
     def prep_passes(self, n_models: int) -> list[PrepPass]:
         return []
@@ -85,6 +151,16 @@ def _uniform(x: MergeInputs) -> list[float]:
     return list(x.weights) if x.weights is not None else [1.0 / n] * n
 
 
+def per_block(role: TensorRole, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` to each row block of a fused_linear tensor separately (q, k, v) and re-stack;
+    other tensors are passed whole (SPEC §1.2 "Fused tensors")."""
+    if role.role is not Role.FUSED_LINEAR:
+        return fn(*tensors)
+    parts = [t.chunk(role.blocks, dim=0) for t in tensors]
+    return torch.cat([fn(*blk) for blk in zip(*parts)], dim=0)
+
+
+# WA, TA --------------------------------------------------------------------------------------
 class WeightAverage(Technique):
     """Σ w_i θ_i (uniform unless weights are given). Wortsman et al. 2022, "Model soups"."""
 
@@ -112,17 +188,441 @@ class TaskArithmetic(Technique):
         return out
 
 
-def per_block(role: TensorRole, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` to each row block of a fused_linear tensor separately (q, k, v) and re-stack;
-    other tensors are passed whole (SPEC §1.2 "Fused tensors")."""
-    if role.role is not Role.FUSED_LINEAR:
-        return fn(*tensors)
-    parts = [t.chunk(role.blocks, dim=0) for t in tensors]
-    return torch.cat([fn(*blk) for blk in zip(*parts)], dim=0)
+# TIES family: sparsify each τ_i, elect a sign per coordinate, disjoint merge --------------------
+MERGE_MODES = ("mean", "sum", "max")
 
 
-#: name -> class (explicit registry; presets such as dare_ties are classes with other defaults)
+def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean") -> torch.Tensor:
+    """TIES steps 2-3 (Yadav et al. 2023, Alg. 1): elected sign γ = sign(Σ_i τ̂_i) per coordinate,
+    then combine only the entries whose sign agrees with γ: ``mean`` (sum / number of agreeing
+    entries), ``sum``, or ``max`` (the agreeing entry of largest magnitude). A coordinate whose
+    elected sign is 0 (no entries, or entries that cancel exactly) gets 0, i.e. stays at θ0
+    (SPEC §1.2; the reference code's "majority" fallback is not used)."""
+    total = torch.zeros_like(taus[0])
+    for t in taus:
+        total += t
+    elected = torch.sign(total)
+    out = torch.zeros_like(taus[0])
+    count = torch.zeros_like(taus[0]) if mode == "mean" else None
+    for t in taus:
+        agree = (torch.sign(t) == elected) & (elected != 0)
+        if mode == "max":
+            cand = torch.where(agree, t, torch.zeros_like(t))
+            out = torch.where(cand.abs() > out.abs(), cand, out)
+        else:
+            out += torch.where(agree, t, torch.zeros_like(t))
+            if count is not None:
+                count += agree.to(out.dtype)
+    if count is not None:
+        out = out / count.clamp_min(1.0)
+    return out
+
+
+def ties_keep_rank(p: float, d: int) -> int:
+    """k = d − ⌊(1 − p)·d⌋: entries with |x| ≥ the k-th smallest |x| are kept (⌊(1 − p)d⌋ + 1 of
+    them without ties). k = 0 means keep everything (p = 0)."""
+    return d - int((1 - p) * d)
+
+
+def ties_trim(t: torch.Tensor, p: float) -> torch.Tensor:
+    """TIES step 1 over the whole of ``t``: zero every entry with |x| below the k-th smallest |x|
+    (ties at the threshold are kept, as in the reference ``kthvalue`` / ``>=`` code)."""
+    d = t.numel()
+    k = ties_keep_rank(p, d)
+    if k <= 0 or d == 0:
+        return t.clone()
+    mag = t.abs()
+    m = torch.kthvalue(mag.reshape(-1), k).values
+    return torch.where(mag >= m, t, torch.zeros_like(t))
+
+
+class SignElectedMerge(Technique):
+    """Base of TIES, DARE-TIES and Breadcrumbs: τ_m = disjoint_merge(sparsify(τ_1..τ_n))."""
+
+    lambda_scaled = True
+
+    def validate(self) -> None:
+        check_choice(self.name, "merge", self.params["merge"], MERGE_MODES)
+
+    def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def task_merge(self, x: MergeInputs) -> torch.Tensor:
+        return disjoint_merge(self.sparsify(x, x.task_vectors()), self.params["merge"])
+
+
+# Global-trim prep passes: an exact streaming selection over the float32 bit patterns of |τ_i|.
+# For x ≥ 0 the int32 bit pattern of a float32 is monotone in x, so the k-th smallest |τ| over the
+# model is found by two histogram passes: the high 16 bits (pass 1) pick the bucket that holds the
+# k-th value and its rank inside the bucket; the low 16 bits of that bucket's entries (pass 2) give
+# the exact value. Histogram counts are summed by the engine in float64, exact up to 2^53 entries.
+_HI_BINS = 1 << 15  # the sign bit of |x| is 0, so the high half-word is < 2^15
+_LO_BINS = 1 << 16
+
+
+def _abs_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().abs().to(torch.float32).contiguous().reshape(-1).view(torch.int32)
+
+
+def _select_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the rank-th smallest entry (1-based), rank inside that bin)."""
+    cum = torch.cumsum(hist.to(torch.float64), dim=0)
+    b = int(torch.searchsorted(cum, torch.tensor([float(rank)], dtype=torch.float64)).item())
+    before = int(cum[b - 1].item()) if b > 0 else 0
+    return b, rank - before
+
+
+class TIES(SignElectedMerge):
+    """TIES-Merging (Yadav et al., NeurIPS 2023): trim each τ_i to its top (1 − p) fraction by |value|
+    (p = fraction pruned), elect signs, disjoint merge; θ0 + λ·τ_m.
+
+    Trim (SPEC §1.1/§1.2): over the d entries in scope, m = the k-th smallest |x| with
+    k = d − ⌊(1 − p)d⌋ (floor computed exactly), keep every entry with |x| ≥ m. Scope ``tensor``:
+    each tensor, each row block of a ``fused_linear`` separately. Scope ``global``: all mergeable
+    tensors of the model (blocks ignored); the per-model thresholds come from two prep passes and
+    arrive as ``scalars["ties.threshold"]``."""
+
+    name = "ties"
+    paper = "Yadav et al., NeurIPS 2023, 'TIES-Merging: resolving interference when merging models'"
+    defaults = {"p": 0.8, "merge": "mean", "trim": "tensor"}
+    TRIMS = ("tensor", "global")
+
+    def validate(self) -> None:
+        super().validate()
+        check_fraction(self.name, "p", self.params["p"])
+        check_choice(self.name, "trim", self.params["trim"], self.TRIMS)
+
+    def task_merge(self, x: MergeInputs) -> torch.Tensor:
+        p, mode = self.params["p"], self.params["merge"]
+        taus = x.task_vectors()
+        if self.params["trim"] == "global":
+            thr = x.scalars.get("ties.threshold")
+            if thr is None or len(thr) != len(taus):
+                raise ValueError(f"{self.name}: trim='global' needs scalars['ties.threshold'] for {len(taus)} models (run the prep passes)")
+            trimmed = [torch.where(t.abs() >= float(m), t, torch.zeros_like(t)) for t, m in zip(taus, thr)]
+            return disjoint_merge(trimmed, mode)
+        return per_block(x.role, lambda *ts: disjoint_merge([ties_trim(t, p) for t in ts], mode), *taus)
+
+    def prep_passes(self, n_models: int) -> list[PrepPass]:
+        if self.params["trim"] != "global":
+            return []
+        p = self.params["p"]
+
+        def hi_stats(x: MergeInputs) -> dict[str, torch.Tensor]:
+            hist = torch.stack([torch.bincount(_abs_bits(t) >> 16, minlength=_HI_BINS) for t in x.task_vectors()])
+            return {"ties.hist_hi": hist.to(torch.float64), "ties.count": torch.tensor(float(x.base.numel()), dtype=torch.float64)}
+
+        def hi_finish(totals: dict[str, torch.Tensor], scalars: Mapping[str, Any]) -> dict[str, Any]:
+            d = int(totals["ties.count"].item())
+            k = ties_keep_rank(p, d)
+            buckets, ranks = [], []
+            for i in range(n_models):
+                if k <= 0 or d == 0:
+                    buckets.append(-1), ranks.append(0)  # keep everything: no selection needed
+                else:
+                    b, r = _select_bin(totals["ties.hist_hi"][i], k)
+                    buckets.append(b), ranks.append(r)
+            return {"ties.count": d, "ties.rank": k, "ties.bucket": buckets, "ties.bucket_rank": ranks}
+
+        def lo_stats(x: MergeInputs) -> dict[str, torch.Tensor]:
+            rows = []
+            for t, b in zip(x.task_vectors(), x.scalars["ties.bucket"]):
+                bits = _abs_bits(t)
+                rows.append(torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=_LO_BINS))
+            return {"ties.hist_lo": torch.stack(rows).to(torch.float64)}
+
+        def lo_finish(totals: dict[str, torch.Tensor], scalars: Mapping[str, Any]) -> dict[str, Any]:
+            thresholds = []
+            for i, (b, r) in enumerate(zip(scalars["ties.bucket"], scalars["ties.bucket_rank"])):
+                if b < 0:
+                    thresholds.append(0.0)
+                    continue
+                lo, _ = _select_bin(totals["ties.hist_lo"][i], r)
+                bits = torch.tensor([(b << 16) | lo], dtype=torch.int32)
+                thresholds.append(float(bits.view(torch.float32).item()))
+            return {"ties.threshold": thresholds}
+
+        return [PrepPass("ties.select_hi", hi_stats, hi_finish), PrepPass("ties.select_lo", lo_stats, lo_finish)]
+
+
+def dare(t: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop each entry with probability p (mask ``rand < p``), rescale the
+    survivors by 1/(1 − p)."""
+    if p == 0.0:
+        return t.clone()
+    drop = torch.rand(t.shape, generator=g) < p
+    return torch.where(drop, torch.zeros_like(t), t / (1.0 - p))
+
+
+class DARETIES(SignElectedMerge):
+    """DARE-TIES: DARE drop-and-rescale of each τ_i (masks from ``generator("dare", i)``), then TIES
+    sign election and disjoint merge; θ0 + λ·τ_m.
+
+    Choice: there is no TIES magnitude trim after DARE (DARE's random drop *is* the sparsification,
+    as in mergekit's ``dare_ties`` with the reference density); p is DARE's drop probability."""
+
+    name = "dare_ties"
+    paper = "Yu et al., ICML 2024, 'Language models are Super Mario' (DARE) + Yadav et al., NeurIPS 2023 (TIES)"
+    defaults = {"p": 0.7, "merge": "mean"}
+
+    def validate(self) -> None:
+        super().validate()
+        check_fraction(self.name, "p", self.params["p"])
+
+    def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        p = float(self.params["p"])
+        return [dare(t, p, x.rng("dare", i)) for i, t in enumerate(taus)]
+
+
+class DARETaskArithmetic(Technique):
+    """DARE-TA: DARE drop-and-rescale of each τ_i, then the task-arithmetic sum (no sign election);
+    θ0 + λ Σ_i DARE(τ_i)."""
+
+    name = "dare_ta"
+    paper = "Yu et al., ICML 2024, 'Language models are Super Mario' (DARE) + Ilharco et al., ICLR 2023 (TA)"
+    lambda_scaled = True
+    defaults = {"p": 0.7}
+
+    def validate(self) -> None:
+        check_fraction(self.name, "p", self.params["p"])
+
+    def task_merge(self, x: MergeInputs) -> torch.Tensor:
+        p = float(self.params["p"])
+        out = torch.zeros_like(x.base)
+        for i, t in enumerate(x.task_vectors()):
+            out += dare(t, p, x.rng("dare", i))
+        return out
+
+
+def breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Boolean keep-mask: per row (last dimension, n entries) drop the ⌊βn⌋ smallest and the ⌊γn⌋
+    largest |values|. Equal magnitudes are ranked by position (stable sort), so exactly those counts
+    are dropped. A 1-D tensor is one row; a 0-D tensor is one row of one entry. ValueError if a row
+    would keep nothing."""
+    rows = t.reshape(1, 1) if t.dim() == 0 else t.reshape(-1, t.shape[-1])
+    n = rows.shape[-1]
+    keep = torch.ones(rows.shape, dtype=torch.bool)
+    if rows.numel() == 0:
+        return keep.reshape(t.shape)
+    n_small, n_large = exact_floor(beta, n), exact_floor(gamma, n)
+    if n_small + n_large >= n:
+        raise ValueError(f"breadcrumbs: beta={beta}, gamma={gamma} drop all {n} entries of a row")
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    if n_small:
+        keep.scatter_(1, order[:, :n_small], False)
+    if n_large:
+        keep.scatter_(1, order[:, n - n_large :], False)
+    return keep.reshape(t.shape)
+
+
+class Breadcrumbs(SignElectedMerge):
+    """Model Breadcrumbs (-TIES): per row of each τ_i drop the bottom β fraction (small magnitudes)
+    and the top γ fraction (outliers) by |value|, then TIES sign election and disjoint merge;
+    θ0 + λ·τ_m. Rows are along the last dimension, so the blocks of a ``fused_linear`` (which split
+    rows) need no special handling."""
+
+    name = "breadcrumbs"
+    paper = "Davari & Belilovsky, ECCV 2024, 'Model Breadcrumbs: scaling multi-task model merging with sparse masks'"
+    defaults = {"beta": 0.7, "gamma": 0.01, "merge": "mean"}
+
+    def validate(self) -> None:
+        super().validate()
+        b = check_fraction(self.name, "beta", self.params["beta"])
+        g = check_fraction(self.name, "gamma", self.params["gamma"])
+        if exact_fraction(b) + exact_fraction(g) >= 1:
+            raise ValueError(f"{self.name}: parameters 'beta' + 'gamma' must be < 1, got {b} + {g}")
+
+    def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        b, g = self.params["beta"], self.params["gamma"]
+        return [torch.where(breadcrumbs_mask(t, b, g), t, torch.zeros_like(t)) for t in taus]
+
+
+class MagMax(Technique):
+    """MagMax (Marczak et al., ECCV 2024): per coordinate the τ_i of largest |τ_i|, ties to the later
+    model; θ0 + λ·τ_sel."""
+
+    name = "magmax"
+    paper = "Marczak et al., ECCV 2024, 'MagMax: leveraging model merging for seamless continual learning'"
+    lambda_scaled = True
+
+    def task_merge(self, x: MergeInputs) -> torch.Tensor:
+        return magmax_select(x.task_vectors())
+
+
+def magmax_select(members: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per coordinate the member of largest |value|; on equal magnitudes the later member wins."""
+    it = iter(members)
+    best = next(it).clone()
+    for m in it:
+        best = torch.where(m.abs() >= best.abs(), m, best)
+    return best
+
+
+# SLERP, Model Stock ---------------------------------------------------------------------------
+SLERP_LINEAR_COS = 0.9995
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """cos(a, b) over the whole tensor in float64; None if either norm is 0."""
+    a64, b64 = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64)
+    na, nb = float(a64.norm()), float(b64.norm())
+    if na == 0.0 or nb == 0.0:
+        return None
+    return max(-1.0, min(1.0, float(a64 @ b64) / (na * nb)))
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, c: float) -> torch.Tensor:
+    """Spherical interpolation with weight c on v1 (SPEC §1.1): linear when |cos| > 0.9995 or a norm
+    is 0, else sin((1−c)Ω)/sin Ω · v0 + sin(cΩ)/sin Ω · v1 with Ω = arccos(cos)."""
+    cos = _cosine(v0, v1)
+    if cos is None or abs(cos) > SLERP_LINEAR_COS:
+        a, b = 1.0 - c, c
+    else:
+        omega = math.acos(cos)
+        s = math.sin(omega)
+        a, b = math.sin((1.0 - c) * omega) / s, math.sin(c * omega) / s
+    return a * v0 + b * v1
+
+
+class SLERP(Technique):
+    """Spherical linear interpolation of raw weights (Shoemake 1985; as used for model merging by
+    mergekit and TIME). Two models: weight ``c`` on the second (``weights[1]`` when weights are
+    given). More models: a running spherical mean r = v_1, r ← slerp(r, v_k, c_k) with
+    c_k = w_k / Σ_{j≤k} w_j (= 1/k for uniform weights). Cosines are over the whole tensor, each row
+    block of a ``fused_linear`` separately."""
+
+    name = "slerp"
+    paper = "Shoemake, SIGGRAPH 1985; TIME (Dziadzio et al., CVPR 2025)"
+    defaults = {"c": 0.5}
+
+    def validate(self) -> None:
+        check_fraction(self.name, "c", self.params["c"], hi_inclusive=True)
+
+    def _steps(self, x: MergeInputs) -> list[float]:
+        """The interpolation weight of each model k ≥ 2 in the fold."""
+        n = len(x.models)
+        if x.weights is None:
+            return [float(self.params["c"])] if n == 2 else [1.0 / k for k in range(2, n + 1)]
+        w = [float(v) for v in x.weights]
+        if len(w) != n or any(not math.isfinite(v) or v < 0 for v in w):
+            raise ValueError(f"slerp: weights must be {n} non-negative numbers, got {list(x.weights)}")
+        steps, cum = [], w[0]
+        for wk in w[1:]:
+            cum += wk
+            steps.append(wk / cum if cum > 0 else 0.0)
+        return steps
+
+    def merge(self, x: MergeInputs) -> torch.Tensor:
+        if len(x.models) == 1:
+            return x.models[0].clone()
+        steps = self._steps(x)
+
+        def fold(*vs: torch.Tensor) -> torch.Tensor:
+            r = vs[0]
+            for v, c in zip(vs[1:], steps):
+                r = slerp(r, v, c)
+            return r
+
+        return per_block(x.role, fold, *x.models)
+
+
+class ModelStock(Technique):
+    """Model Stock (Jang et al., ECCV 2024): cos φ = mean over pairs i<j of cos(τ_i, τ_j) (whole
+    tensor, each ``fused_linear`` block separately), t = N cos φ / (1 + (N − 1) cos φ),
+    θ = t · mean(θ_i) + (1 − t) θ0. N = 1 returns θ_1.
+
+    Guards (choices): the cosine with a zero task vector counts as 0; cos φ is clamped to [0, 1]
+    before computing t, so t ∈ [0, 1] (a negative mean cosine, where the paper's geometry does not
+    apply and t would be negative or infinite at cos φ = −1/(N − 1), gives θ0)."""
+
+    name = "model_stock"
+    paper = "Jang, Yun & Han, ECCV 2024, 'Model Stock: all we need is just a few fine-tuned models'"
+
+    @staticmethod
+    def ratio(taus: Sequence[torch.Tensor]) -> float:
+        n = len(taus)
+        cos = [_cosine(taus[i], taus[j]) for i in range(n) for j in range(i + 1, n)]
+        cos_phi = sum(0.0 if c is None else c for c in cos) / len(cos)
+        cos_phi = min(1.0, max(0.0, cos_phi))
+        return n * cos_phi / (1.0 + (n - 1) * cos_phi)
+
+    def merge(self, x: MergeInputs) -> torch.Tensor:
+        if len(x.models) == 1:
+            return x.models[0].clone()
+
+        def stock(base: torch.Tensor, *models: torch.Tensor) -> torch.Tensor:
+            t = self.ratio([m - base for m in models])
+            avg = torch.stack(list(models)).mean(dim=0)
+            return t * avg + (1.0 - t) * base
+
+        return per_block(x.role, stock, x.base, *x.models)
+
+
+# LiNeS, recency weights ------------------------------------------------------------------------
+LINES_VARIANTS = ("linear", "quadratic", "sqrt")
+
+
+def lines_scale(block_index: int | None, n_blocks: int, alpha: float = 0.5, beta: float = 0.5, variant: str = "linear") -> float:
+    """LiNeS (Wang et al., ICLR 2025): the λ of a tensor in transformer block ℓ is
+    s(ℓ) = α + β·f(ℓ/(L − 1)) with f = identity, square or square root; tensors outside blocks
+    (``block_index`` None) get α. With L = 1 the single block has ℓ/(L − 1) := 0 (it is the first
+    block: scaled like the shallowest layer). s replaces λ; it does not multiply it (SPEC §1.2)."""
+    check_choice("lines", "variant", variant, LINES_VARIANTS)
+    for key, v in (("alpha", alpha), ("beta", beta)):
+        if not is_finite_number(v):
+            raise ValueError(f"lines: parameter '{key}' must be a finite number, got {v!r}")
+    if block_index is None:
+        return float(alpha)
+    if not 0 <= block_index < n_blocks:
+        raise ValueError(f"lines: block index {block_index} outside 0..{n_blocks - 1}")
+    frac = block_index / (n_blocks - 1) if n_blocks > 1 else 0.0
+    f = {"linear": frac, "quadratic": frac * frac, "sqrt": math.sqrt(frac)}[variant]
+    return float(alpha) + float(beta) * f
+
+
+_RECENCY: dict[str, Callable[[int], float]] = {
+    "uniform": lambda i: 1.0,
+    "linear": lambda i: float(i),
+    "sqrt": lambda i: math.sqrt(i),
+    "quadratic": lambda i: float(i * i),
+    "cubic": lambda i: float(i**3),
+    "log": lambda i: math.log(i + 1),
+}
+RECENCY_SCHEMES = (
+    *_RECENCY,
+    "exp",
+    *(f"reverse_{s}" for s in (*_RECENCY, "exp") if s != "uniform"),
+)
+
+
+def recency_weights(n: int, scheme: str = "uniform") -> list[float]:
+    """Weights for n experts oldest → newest (i = 1..n), normalised to sum 1 (SPEC §1): ``uniform``,
+    ``linear`` i, ``sqrt`` √i, ``quadratic`` i², ``cubic`` i³, ``exp`` 2^{i−1}, ``log`` ln(i+1), and
+    ``reverse_<scheme>`` (the same weights for the reversed order: the oldest weighs most)."""
+    check_choice("recency", "weights", scheme, RECENCY_SCHEMES)
+    if n < 1:
+        raise ValueError(f"recency weights need n >= 1, got {n}")
+    base = scheme.removeprefix("reverse_")
+    if base == "exp":
+        raw = [math.ldexp(1.0, i - n) for i in range(1, n + 1)]  # 2^{i−1} / 2^{n−1}: no overflow
+    else:
+        raw = [_RECENCY[base](i) for i in range(1, n + 1)]
+    if scheme.startswith("reverse_"):
+        raw.reverse()
+    total = math.fsum(raw)
+    return [r / total for r in raw]
+
+
+#: name -> class (explicit registry; presets such as dare_ties are classes with their own defaults).
+#: Weight Weaving wraps one of the λ-scaled entries (``weaving.WeightWeaving``) and is not listed.
 TECHNIQUES: dict[str, type[Technique]] = {
     "wa": WeightAverage,
     "ta": TaskArithmetic,
+    "ties": TIES,
+    "dare_ties": DARETIES,
+    "dare_ta": DARETaskArithmetic,
+    "breadcrumbs": Breadcrumbs,
+    "magmax": MagMax,
+    "slerp": SLERP,
+    "model_stock": ModelStock,
 }

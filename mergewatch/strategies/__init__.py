@@ -1,0 +1,66 @@
+"""Merge strategies and the explicit registries (STYLE §1: plain dicts written out here).
+
+* ``STRATEGIES``: every strategy class by name.
+* ``METHODS``: strategies that are a ``deploy`` choice of their own (the DFCMM methods of SPEC §3,
+  MetaMerge); they assume init ``zs``. Deploy ``ft``/``ema``/``all`` is the TIME policy.
+* Techniques (f_merge) have their own registry in ``techniques.TECHNIQUES``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mergewatch.strategies.base import BufferNeed, Pass, PassOutput, StepContext, Strategy, TensorInputs, TensorMeta, ViewSource
+from mergewatch.strategies.techniques import TECHNIQUES, Technique
+from mergewatch.strategies.time_policy import TimePolicy
+
+if TYPE_CHECKING:
+    from mergewatch.config import PolicySettings
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "time": TimePolicy,
+}
+
+#: deploy name -> strategy class (each declares ``defaults``: its hyper-parameters and defaults)
+METHODS: dict[str, type[Strategy]] = {}
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    return dict(getattr(METHODS[name], "defaults", {}))
+
+
+def build_technique(name: str, params: dict, weaving: dict | None = None) -> Technique:
+    tech = TECHNIQUES[name](**params)
+    if weaving is not None:
+        from mergewatch.strategies.weaving import WeightWeaving
+
+        tech = WeightWeaving(tech, **weaving)
+    return tech
+
+
+def build_strategy(policy: "PolicySettings") -> Strategy:
+    """The strategy a validated policy describes."""
+    if policy.deploy in METHODS:
+        return METHODS[policy.deploy]({**method_defaults(policy.deploy), **policy.params})
+    technique = build_technique(policy.technique, dict(policy.technique_params), policy.weaving)
+    params = {"init": policy.init, "deploy": policy.deploy, **policy.params}
+    if policy.lines is not None:
+        params["lines"] = dict(policy.lines)
+    return TimePolicy(params, technique)
+
+
+__all__ = [
+    "METHODS",
+    "STRATEGIES",
+    "TECHNIQUES",
+    "BufferNeed",
+    "Pass",
+    "PassOutput",
+    "StepContext",
+    "Strategy",
+    "TensorInputs",
+    "TensorMeta",
+    "ViewSource",
+    "build_strategy",
+    "build_technique",
+]

@@ -1,0 +1,105 @@
+"""Committed strategy state: ``state/<t>/`` directories written atomically (DESIGN §3.3).
+
+A step's directory holds ``state.json`` (strategy fingerprint, t, expert ids, JSON meta, content
+hashes of the tensor sets and views) beside the tensor sets and views written by the engine. It is
+produced in ``state/.staging/`` and renamed into place only when complete, so the newest directory
+with a ``state.json`` is always a complete, durable state; a later step is resumed from it exactly
+(sets are float32, so a resumed run is bit-identical to an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.checkpoint.writer import atomic_directory, clear_staging, fsync_path
+from mergewatch.errors import MergewatchError
+
+STATE_FORMAT = 1
+
+
+class StateError(MergewatchError):
+    pass
+
+
+@dataclass
+class StateSnapshot:
+    t: int
+    directory: Path
+    record: dict  # the parsed state.json
+
+    @property
+    def expert_ids(self) -> list[str]:
+        return list(self.record["expert_ids"])
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.record.get("meta", {}))
+
+    def sets(self) -> dict[str, LazyCheckpoint]:
+        return {name: LazyCheckpoint(self.directory / "sets" / name) for name in self.record.get("sets", {})}
+
+    def view_dir(self, view: str) -> Path:
+        return self.directory / "views" / view
+
+
+class StateStore:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def steps(self) -> list[int]:
+        out = []
+        for p in self.root.iterdir():
+            if p.name.isdigit() and (p / "state.json").is_file():
+                out.append(int(p.name))
+        return sorted(out)
+
+    def latest(self) -> StateSnapshot | None:
+        steps = self.steps()
+        return self.load(steps[-1]) if steps else None
+
+    def load(self, t: int) -> StateSnapshot:
+        d = self.root / str(t)
+        try:
+            record = json.loads((d / "state.json").read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise StateError(f"cannot read committed state {d}: {e}") from e
+        if record.get("format") != STATE_FORMAT or record.get("t") != t:
+            raise StateError(f"{d}/state.json: unexpected format or step ({record.get('format')}, {record.get('t')})")
+        return StateSnapshot(t, d, record)
+
+    @contextlib.contextmanager
+    def staging(self, t: int) -> Iterator[Path]:
+        """A staging directory that becomes ``state/<t>`` when the block succeeds."""
+        with atomic_directory(self.root / str(t)) as stage:
+            yield stage
+
+    @staticmethod
+    def write_record(stage: Path, record: dict) -> None:
+        record = {"format": STATE_FORMAT, **record}
+        p = stage / "state.json"
+        p.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
+
+    def recover(self) -> int:
+        """Remove staging leftovers of interrupted steps; returns how many."""
+        return clear_staging(self.root / ".staging")
+
+    def retain(self, keep: int) -> list[int]:
+        """Keep the newest ``keep`` committed steps (at least 1)."""
+        steps = self.steps()
+        drop = steps[: max(0, len(steps) - max(1, keep))]
+        for t in drop:
+            tomb = self.root / ".staging" / f"drop-{t}"
+            tomb.parent.mkdir(exist_ok=True)
+            os.rename(self.root / str(t), tomb)
+            shutil.rmtree(tomb, ignore_errors=True)
+        if drop:
+            fsync_path(self.root)
+        return drop

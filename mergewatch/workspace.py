@@ -1,0 +1,250 @@
+"""One workspace, one policy: validate an expert, run its step, commit the state, publish the views.
+
+This is the single code path of a merge step, shared by the batch CLI (``mergewatch merge``) and the
+daemon's worker (DESIGN §1): validate → claim into the store → strategy step (streamed) → commit
+``state/<t>/`` atomically → publish ``deploy/`` and ``init/`` → retention. Every stage is
+idempotent from the committed state: re-opening a workspace after a crash finishes publishing the
+newest committed step (publishing is keyed by step, so it never happens twice) and clears staging
+leftovers; an interrupted step simply has no committed state and is run again.
+
+Workspace layout (DESIGN §3.6): ``inbox/ store/ rejected/ state/ deploy/ init/ ledger.sqlite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mergewatch import __version__
+from mergewatch.buffer.store import ExpertStore
+from mergewatch.checkpoint.hashing import content_sha256
+from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.checkpoint.roles import resolve_table
+from mergewatch.checkpoint.validate import ExpertReport, check_expert
+from mergewatch.config import Settings
+from mergewatch.deploy.publisher import Publisher
+from mergewatch.errors import MergewatchError
+from mergewatch.strategies import build_strategy
+from mergewatch.strategies.base import VIEWS, BufferNeed, StepContext
+from mergewatch.strategies.engine import Progress, build_model_info, run_step
+from mergewatch.strategies.state import StateSnapshot, StateStore
+
+
+class WorkspaceError(MergewatchError):
+    pass
+
+
+@dataclass
+class StepOutcome:
+    status: str  # "merged" | "duplicate"
+    expert_id: str
+    name: str
+    step: int | None = None
+    versions: dict[str, int | None] = field(default_factory=dict)  # view -> version published now (None: unchanged)
+    seconds: float = 0.0
+
+
+class Workspace:
+    def __init__(self, settings: Settings, *, progress: Progress | None = None):
+        self.settings = settings
+        self.root = Path(settings.workspace)
+        for sub in ("inbox", "store", "rejected", "state", "deploy", "init"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.base = LazyCheckpoint(settings.base)
+        self.table = resolve_table(settings.model.architecture, list(self.base), list(settings.model.roles))
+        self.model_info = build_model_info(self.base, self.table)
+        self.strategy = build_strategy(settings.policy)
+        self.states = StateStore(self.root / "state")
+        self.store = ExpertStore(self.root / "store")
+        self.publishers = {v: Publisher(self.root / v, keep=settings.publish.keep) for v in VIEWS}
+        self._base_sha: str | None = None
+
+    # Identity ---------------------------------------------------------------------------------
+    @property
+    def base_sha256(self) -> str:
+        """Content hash of θ0, cached in ``base.json`` keyed by path, size and mtime."""
+        if self._base_sha is None:
+            cache = self.root / "base.json"
+            stamp = _stamp(self.base)
+            try:
+                data = json.loads(cache.read_text("utf-8"))
+                if data.get("stamp") == stamp:
+                    self._base_sha = data["content_sha256"]
+            except (OSError, ValueError, KeyError):
+                pass
+            if self._base_sha is None:
+                self._base_sha = content_sha256(self.base)
+                tmp = cache.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"stamp": stamp, "content_sha256": self._base_sha}), "utf-8")
+                os.replace(tmp, cache)
+        return self._base_sha
+
+    def fingerprint(self) -> dict:
+        """What a committed state depends on: resuming with a different one would be wrong."""
+        return {
+            "strategy": self.strategy.describe(),
+            "base_sha256": self.base_sha256,
+            "seed": self.settings.seed,
+            "architecture": self.table.name,
+        }
+
+    # Steps ------------------------------------------------------------------------------------
+    def latest(self) -> StateSnapshot | None:
+        snap = self.states.latest()
+        if snap is not None and snap.record.get("fingerprint") != self.fingerprint():
+            raise WorkspaceError(
+                f"{self.root}: the committed state was produced with a different policy, base, seed or architecture "
+                f"({json.dumps(snap.record.get('fingerprint'), sort_keys=True)[:300]}); use a new workspace for a new policy"
+            )
+        return snap
+
+    def merged_ids(self) -> list[str]:
+        snap = self.latest()
+        return snap.expert_ids if snap else []
+
+    def validate(self, path: str | os.PathLike) -> tuple[LazyCheckpoint, ExpertReport]:
+        """Open and fully check an expert against θ0 (raises CheckpointError/IncompatibleExpertError)."""
+        ckpt = LazyCheckpoint(path)
+        return ckpt, check_expert(ckpt, self.base, self.settings.model.dtype_policy)
+
+    def merge(self, path: str | os.PathLike, *, name: str | None = None, move: bool = False) -> StepOutcome:
+        """Validate, store, merge and publish one expert."""
+        path = Path(path)
+        name = name or path.name
+        _, report = self.validate(path)
+        if report.content_sha256 in self.merged_ids():
+            return StepOutcome("duplicate", report.content_sha256, name)
+        self.store.claim(path, report.content_sha256, move=move)
+        return self.step(report.content_sha256, name)
+
+    def step(self, expert_id: str, name: str) -> StepOutcome:
+        """Merge a stored expert as the next step, commit, publish and apply retention."""
+        t_start = time.monotonic()
+        prev = self.latest()
+        t = (prev.t if prev else 0) + 1
+        expert_ids = (prev.expert_ids if prev else []) + [expert_id]
+        names = (prev.record.get("expert_names", []) if prev else []) + [name]
+        need_all = self.strategy.buffer_need() is BufferNeed.ALL
+        experts = [self.store.open(i) for i in (expert_ids if need_all else [expert_id])]
+        ctx = StepContext(t=t, seed=self.settings.seed, expert_ids=expert_ids, model=self.model_info, meta=prev.meta if prev else {})
+        prev_sets = prev.sets() if prev else {}
+        with self.states.staging(t) as stage:
+            result = run_step(
+                self.strategy,
+                ctx,
+                self.base,
+                experts,
+                prev_sets,
+                stage,
+                shard_bytes=self.settings.publish.shard_bytes or None,
+                progress=self.progress,
+            )
+            self.states.write_record(
+                stage,
+                {
+                    "t": t,
+                    "expert_ids": expert_ids,
+                    "expert_names": names,
+                    "meta": result.meta,
+                    "sets": result.sets,
+                    "views": result.views,
+                    "fingerprint": self.fingerprint(),
+                    "created_at": _now(),
+                    "seconds": round(result.seconds, 6),
+                    "mergewatch": __version__,
+                },
+            )
+        versions = self.publish(t)
+        self.apply_retention()
+        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start)
+
+    # Publishing -------------------------------------------------------------------------------
+    def publish(self, t: int) -> dict[str, int | None]:
+        """Publish both views of committed step ``t`` (idempotent: keyed by step and experts)."""
+        snap = self.states.load(t)
+        out: dict[str, int | None] = {}
+        step_key = hashlib.sha256("\n".join(snap.expert_ids).encode()).hexdigest()[:16]
+        for view in VIEWS:
+            info = snap.record["views"][view]
+            pub = self.publishers[view]
+            if info["source"] == "base":
+                files = _checkpoint_files(self.base)
+                content, step, key = self.base_sha256, 0, "base"
+                file_hashes = None
+            else:
+                d = snap.view_dir(view)
+                files = {f.name: d / f.name for f in sorted(d.iterdir()) if f.is_file()}
+                content, step, key = info["content_sha256"], t, f"step-{t}-{step_key}"
+                file_hashes = info["files"]
+            existing = pub.find(key)
+            if existing is not None:
+                out[view] = existing
+                continue
+            if view == "init" and pub.current_content_sha256() == content:
+                out[view] = None  # SPEC §1.2: a new init version only when its content changes
+                continue
+            manifest = {
+                "view": view,
+                "step": step,
+                "state_version": t,
+                "experts": snap.expert_ids[:step],
+                "expert_names": snap.record.get("expert_names", [])[:step],
+                "policy": self.strategy.describe(),
+                "base_sha256": self.base_sha256,
+                "content_sha256": content,
+                "seed": self.settings.seed,
+                "architecture": self.table.name,
+                "mergewatch": __version__,
+            }
+            if file_hashes is not None:
+                manifest["files"] = dict(file_hashes)
+            out[view] = pub.publish(files, manifest, key=key)
+        return out
+
+    def recover(self) -> dict:
+        """Clear staging leftovers everywhere and finish publishing the newest committed step."""
+        report = {"state_staging": self.states.recover(), "store_staging": self.store.recover()}
+        for view, pub in self.publishers.items():
+            report[f"{view}_recover"] = pub.recover()
+        snap = self.latest()
+        if snap is not None:
+            report["published"] = self.publish(snap.t)
+        return report
+
+    def apply_retention(self, keep_ids: set[str] | None = None) -> None:
+        """Keep the last ``publish.keep_states`` states, the experts the policy needs, ``publish.keep``
+        versions per view. ``keep_ids``: experts that must stay too (e.g. queued, not merged yet)."""
+        self.states.retain(self.settings.publish.keep_states)
+        need = set(keep_ids or ())
+        if self.strategy.buffer_need() is BufferNeed.ALL:
+            need |= set(self.merged_ids())
+        self.store.retain(need)
+        for pub in self.publishers.values():
+            pub.retain()
+
+
+def _checkpoint_files(ckpt: LazyCheckpoint) -> dict[str, Path]:
+    """Published file names for a checkpoint given by the user (the base, for init ``zs``)."""
+    if ckpt.index_path is None:
+        return {"model.safetensors": ckpt.files[0]}
+    files = {f.name: f for f in ckpt.files}
+    files["model.safetensors.index.json"] = ckpt.index_path
+    return files
+
+
+def _stamp(ckpt: LazyCheckpoint) -> list:
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+StepCallback = Callable[[StepOutcome], None]
