@@ -28,6 +28,7 @@ from mergewatch.strategies.techniques import (
     Technique,
     WeightAverage,
     breadcrumbs_mask,
+    disjoint_merge,
     lines_scale,
     recency_weights,
     ties_keep_rank,
@@ -201,6 +202,12 @@ def test_ties_hand_case(merge, expected):
     assert torch.equal(out, T(ONES) + T(expected))
 
 
+def test_disjoint_merge_cancelling_signs_stay_at_base():
+    # (0) +1 and −1 cancel: elected sign 0 -> 0 (θ0); (1) 2 and 1 agree -> mean 1.5; (2) 3 vs −1 -> 3
+    assert torch.equal(disjoint_merge([T([1, 2, 3]), T([-1, 1, -1])]), T([0, 1.5, 3]))
+    assert torch.equal(disjoint_merge([T([1, 2, 3]), T([-1, 1, -1])], "max"), T([0, 2, 3]))
+
+
 def test_ties_trim_keeps_ties_at_threshold():
     assert torch.equal(ties_trim(T(TIES_T2), 0.5), T([[-1, 2, 0], [-3, -5, 1]]))
     # all equal magnitudes: k = 4 - 2 = 2, m = 1, everything kept
@@ -337,8 +344,6 @@ def test_dare_masks_come_from_the_generator():
     expect = t1 * keep[0] * 2 + t2 * keep[1] * 2
     assert torch.equal(out, expect)
     ties_out = DARETIES(p=0.5).task_merge(inputs(ONES, [t1, t2], generator=seeded(7)))
-    from mergewatch.strategies.techniques import disjoint_merge
-
     assert torch.equal(ties_out, disjoint_merge([t1 * keep[0] * 2, t2 * keep[1] * 2]))
 
 

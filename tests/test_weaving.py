@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergewatch.checkpoint.roles import Role, TensorRole
-from mergewatch.strategies.techniques import SLERP, TIES, DARETIES, MagMax, MergeInputs, TaskArithmetic, WeightAverage
+from mergewatch.strategies.techniques import SLERP, TIES, DARETIES, MagMax, TaskArithmetic, WeightAverage
 from mergewatch.strategies.weaving import DEFAULT_LAMBDAS, WIDE_LAMBDAS, WeightWeaving
 from tests.test_techniques import ONES, T, inputs, run_prep_passes, seeded
 

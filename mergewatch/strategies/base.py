@@ -165,6 +165,13 @@ class Strategy:
         """view -> sink written by a pass, or ``ViewSource.BASE``."""
         return {"deploy": "deploy", "init": "init"}
 
+    def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
+        """Shape of tensor ``meta.name`` in ``sink``; ``None`` leaves the name out of that sink.
+
+        Views always have the model's layout. State sets default to it too; a strategy whose state
+        is not model-shaped (e.g. WUDI's per-layer d_in × d_in statistics) overrides this."""
+        return meta.shape
+
     def next_meta(self, ctx: StepContext) -> dict:
         """The JSON state to store after this step (scalars of ``ctx.scalars`` worth keeping)."""
         return {}

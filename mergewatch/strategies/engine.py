@@ -99,13 +99,19 @@ def run_step(
     bytes_written = 0
     for pi, p in enumerate(passes):
         writers: dict[str, CheckpointWriter] = {}
+        shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         for sink in p.writes:
             if sink in written or sink in writers:
                 raise StrategyError(f"{strategy.name}: sink '{sink}' written twice in one step")
             d = sink_path(out_dir, sink)
             d.mkdir(parents=True)
-            specs = [TensorSpec(n, metas[n].dtype if sink in VIEWS else _state_dtype(metas[n]), metas[n].shape) for n in names]
+            specs = []
+            for n in names:
+                shape = metas[n].shape if sink in VIEWS else strategy.sink_shape(sink, metas[n])
+                if shape is not None:
+                    specs.append(TensorSpec(n, metas[n].dtype if sink in VIEWS else _state_dtype(metas[n]), tuple(shape)))
             writers[sink] = CheckpointWriter(d, specs, shard_bytes=shard_bytes)
+            shapes[sink] = {sp.name: sp.shape for sp in specs}
         totals: dict[str, torch.Tensor] = {}
         want_all = "experts" in p.reads
         want_state = "state" in p.reads
@@ -115,24 +121,28 @@ def run_step(
             if not meta.role.mergeable:
                 frozen = base[name]
                 for sink, w in writers.items():
-                    w.write(name, frozen)
+                    if name in shapes[sink]:
+                        w.write(name, frozen)
                 continue
             inputs = TensorInputs(
                 base=_f32(base[name]),
                 experts=[_f32(e[name]) for e in (experts if want_all else experts[-1:])],
-                state={k: _f32(v[name]) for k, v in prev_sets.items()} if want_state else {},
-                fresh={k: _f32(v[name]) for k, v in written.items()} if want_fresh else {},
+                state={k: _f32(v[name]) for k, v in prev_sets.items() if name in v} if want_state else {},
+                fresh={k: _f32(v[name]) for k, v in written.items() if name in v} if want_fresh else {},
             )
             out = p.tensor_fn(meta, inputs, ctx)
             if not isinstance(out, PassOutput):
                 raise StrategyError(f"{strategy.name}/{p.name}: tensor_fn must return PassOutput")
-            if set(out.tensors) != set(writers):
+            expected = {sink for sink in writers if name in shapes[sink]}
+            if set(out.tensors) != expected:
                 raise StrategyError(
-                    f"{strategy.name}/{p.name}: '{name}' produced sinks {sorted(out.tensors)}, the pass declares {sorted(writers)}"
+                    f"{strategy.name}/{p.name}: '{name}' produced sinks {sorted(out.tensors)}, expected {sorted(expected)}"
                 )
             for sink, tensor in out.tensors.items():
-                if tuple(tensor.shape) != meta.shape:
-                    raise StrategyError(f"{strategy.name}/{p.name}: '{name}' -> {sink} has shape {tuple(tensor.shape)}, expected {meta.shape}")
+                if tuple(tensor.shape) != shapes[sink][name]:
+                    raise StrategyError(
+                        f"{strategy.name}/{p.name}: '{name}' -> {sink} has shape {tuple(tensor.shape)}, expected {shapes[sink][name]}"
+                    )
                 if not bool(torch.isfinite(tensor).all()):
                     raise StrategyError(f"{strategy.name}/{p.name}: non-finite values in '{name}' -> {sink}")
                 w = writers[sink]

@@ -197,7 +197,7 @@ def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean") -> torch.Te
     then combine only the entries whose sign agrees with γ: ``mean`` (sum / number of agreeing
     entries), ``sum``, or ``max`` (the agreeing entry of largest magnitude). A coordinate whose
     elected sign is 0 (no entries, or entries that cancel exactly) gets 0, i.e. stays at θ0
-    (SPEC §1.2; the reference code's "majority" fallback is not used)."""
+    (SPEC §1.2: no fallback sign is chosen for such coordinates)."""
     total = torch.zeros_like(taus[0])
     for t in taus:
         total += t
@@ -221,7 +221,7 @@ def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean") -> torch.Te
 def ties_keep_rank(p: float, d: int) -> int:
     """k = d − ⌊(1 − p)·d⌋: entries with |x| ≥ the k-th smallest |x| are kept (⌊(1 − p)d⌋ + 1 of
     them without ties). k = 0 means keep everything (p = 0)."""
-    return d - int((1 - p) * d)
+    return d - exact_floor(1 - exact_fraction(p), d)
 
 
 def ties_trim(t: torch.Tensor, p: float) -> torch.Tensor:
