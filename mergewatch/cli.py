@@ -1,4 +1,4 @@
-"""Command line: ``mergewatch merge | demo | status | rollback`` (DESIGN §3.6).
+"""Command line: ``mergewatch run | merge | submit | status | rollback | demo`` (DESIGN §3.6).
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key), 1 anything else
 (including experts that were rejected in a batch: the others are still merged).
@@ -96,6 +96,11 @@ def cmd_merge(args) -> int:
 
 
 def status_data(settings) -> dict:
+    """Queue, experts with their statuses and reasons, last steps, current versions (DESIGN §3.6).
+
+    The ledger is the source of truth when the daemon has run; a workspace used only by the batch
+    CLI has none, and its committed state says what was merged."""
+    from mergewatch.daemon.ledger import Ledger
     from mergewatch.deploy.publisher import Publisher
     from mergewatch.strategies.state import StateStore
 
@@ -104,16 +109,28 @@ def status_data(settings) -> dict:
     for view in ("deploy", "init"):
         pub = Publisher(root / view, keep=settings.publish.keep)
         data[view] = {"current": pub.current(), "versions": pub.versions()}
-    states = StateStore(root / "state")
-    snap = states.latest()
-    experts = []
-    if snap is not None:
-        names = snap.record.get("expert_names", [])
-        for i, sha in enumerate(snap.expert_ids):
-            experts.append({"id": sha, "name": names[i] if i < len(names) else "", "status": "merged", "reason": "", "step": i + 1})
+    snap = StateStore(root / "state").latest() if (root / "state").is_dir() else None
     data["step"] = snap.t if snap else 0
-    data["queue"] = sum(1 for p in (root / "inbox").glob("*") if not p.name.startswith(".")) if (root / "inbox").is_dir() else 0
-    data["experts"] = experts
+    ledger_path = root / "ledger.sqlite"
+    if ledger_path.is_file():
+        led = Ledger(ledger_path, readonly=True)
+        try:
+            data["queue"] = led.queue_depth()
+            data["counts"] = led.counts()
+            data["experts"] = [e.public() for e in led.experts()]
+            data["steps"] = led.steps(limit=10)
+        finally:
+            led.close()
+    else:
+        experts = []
+        if snap is not None:
+            names = snap.record.get("expert_names", [])
+            for i, sha in enumerate(snap.expert_ids):
+                experts.append({"id": sha, "name": names[i] if i < len(names) else "", "status": "merged", "reason": "", "step": i + 1})
+        data["queue"] = 0
+        data["experts"] = experts
+        data["steps"] = []
+    data["rejected"] = [e for e in data["experts"] if e["status"] == "rejected"]
     return data
 
 
@@ -127,8 +144,14 @@ def cmd_status(args) -> int:
     print(f"workspace {data['workspace']}  policy init={data['policy']['init']} deploy={data['policy']['deploy']}  step {data['step']}")
     for view in ("deploy", "init"):
         print(f"  {view}: current {data[view]['current']}  versions {data[view]['versions']}")
-    for e in data["experts"]:
-        print(f"  step {e['step']:>3}  {e['status']:<9} {e['id'][:12]}  {e['name']}")
+    print(f"  queue: {data['queue']}")
+    for e in data["experts"][-20:]:
+        step = e["step"] if e["step"] is not None else "-"
+        print(f"  step {step:>3}  {e['status']:<9} {(e['id'] or '-')[:12]:<12}  {e['name']}")
+    if data["rejected"]:
+        print("  rejected drops:")
+        for e in data["rejected"][-20:]:
+            print(f"    {e['name']}: {e['reason']}")
     return 0
 
 
@@ -140,6 +163,30 @@ def cmd_rollback(args) -> int:
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     new = pub.rollback(args.version, reason=args.reason)
     print(f"{args.view}: version {args.version} republished as {new} (now current)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mergewatch.daemon.service import run
+
+    return run(args.config)
+
+
+def cmd_submit(args) -> int:
+    from mergewatch import config
+    from mergewatch.daemon.inbox import submit
+
+    settings = config.load(args.config)
+    meta = None
+    if args.meta:
+        try:
+            meta = json.loads(Path(args.meta).read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError("--meta", f"cannot read sidecar JSON {args.meta}: {e}") from e
+    if args.task:
+        meta = {**(meta or {}), "task": args.task}
+    dest = submit(args.path, Path(settings.workspace) / "inbox", meta=meta, name=args.name)
+    print(f"submitted {args.path} -> {dest}")
     return 0
 
 
@@ -173,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reason", default="operator rollback")
     r.set_defaults(func=cmd_rollback)
 
+    run_p = sub.add_parser("run", help="run the daemon in the foreground (watch the inbox, merge, publish)")
+    run_p.add_argument("--config", required=True)
+    run_p.set_defaults(func=cmd_run)
+
+    sm = sub.add_parser("submit", help="copy a checkpoint into the inbox safely (temp name, fsync, rename)")
+    sm.add_argument("--config", required=True)
+    sm.add_argument("path", help="a .safetensors file or a sharded checkpoint directory")
+    sm.add_argument("--meta", help="sidecar JSON file (task, parent, tags)")
+    sm.add_argument("--task", help="task name (added to the sidecar)")
+    sm.add_argument("--name", help="name in the inbox (default: the file's name)")
+    sm.set_defaults(func=cmd_submit)
+
     d = sub.add_parser("demo", help="generate a tiny open_clip base and experts, merge them, show what was published")
     d.add_argument("--workdir", help="where to put the demo (default: ./demo-workspace)")
     d.add_argument("--experts", type=int, default=3)
@@ -188,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mergewatch: {e}", file=sys.stderr)
         return 2
-    except MergewatchError as e:
+    except (MergewatchError, OSError, ValueError) as e:
         print(f"mergewatch: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -50,6 +50,7 @@ class PolicySettings:
 
 @dataclass(frozen=True)
 class WatchSettings:
+    events: bool = True  # run the file-event observer (False: rely on the scans alone)
     polling: bool = False
     quiet_seconds: float = 10.0
     rescan_seconds: float = 60.0

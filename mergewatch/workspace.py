@@ -30,6 +30,7 @@ from mergewatch.checkpoint.validate import ExpertReport, check_expert
 from mergewatch.config import Settings
 from mergewatch.deploy.publisher import Publisher
 from mergewatch.errors import MergewatchError
+from mergewatch.faults import crash_point
 from mergewatch.strategies import build_strategy
 from mergewatch.strategies.base import VIEWS, BufferNeed, StepContext
 from mergewatch.strategies.engine import Progress, build_model_info, run_step
@@ -47,7 +48,9 @@ class StepOutcome:
     name: str
     step: int | None = None
     versions: dict[str, int | None] = field(default_factory=dict)  # view -> version published now (None: unchanged)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole step
+    merge_seconds: float = 0.0  # strategy step + state commit
+    publish_seconds: float = 0.0
 
 
 class Workspace:
@@ -144,7 +147,7 @@ class Workspace:
                 prev_sets,
                 stage,
                 shard_bytes=self.settings.publish.shard_bytes or None,
-                progress=self.progress,
+                progress=self._progress,
             )
             self.states.write_record(
                 stage,
@@ -161,9 +164,18 @@ class Workspace:
                     "mergewatch": __version__,
                 },
             )
+        crash_point("after_commit")
+        t_pub = time.monotonic()
         versions = self.publish(t)
+        t_end = time.monotonic()
         self.apply_retention()
-        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start)
+        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub)
+
+    def _progress(self, label: str, pass_no: int, n_passes: int, done: int, total: int) -> None:
+        if done == total // 2:
+            crash_point("mid_step")  # fault injection (tests): a kill with the state half written
+        if self.progress is not None:
+            self.progress(label, pass_no, n_passes, done, total)
 
     # Publishing -------------------------------------------------------------------------------
     def publish(self, t: int) -> dict[str, int | None]:
@@ -206,6 +218,7 @@ class Workspace:
             if file_hashes is not None:
                 manifest["files"] = dict(file_hashes)
             out[view] = pub.publish(files, manifest, key=key)
+            crash_point("mid_publish")
         return out
 
     def recover(self) -> dict:

@@ -11,18 +11,37 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mergewatch.strategies.base import BufferNeed, Pass, PassOutput, StepContext, Strategy, TensorInputs, TensorMeta, ViewSource
+from mergewatch.strategies.continual import ContinualMagMax, ContinualTaskArithmetic, ContinualTIES, ContinualWeightAverage
+from mergewatch.strategies.nufilt import NuFILT
+from mergewatch.strategies.opcm import OPCM
 from mergewatch.strategies.techniques import TECHNIQUES, Technique
 from mergewatch.strategies.time_policy import TimePolicy
+from mergewatch.strategies.wudi import WUDI
 
 if TYPE_CHECKING:
     from mergewatch.config import PolicySettings
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "time": TimePolicy,
+    "opcm": OPCM,
+    "continual_wa": ContinualWeightAverage,
+    "continual_ta": ContinualTaskArithmetic,
+    "continual_ties": ContinualTIES,
+    "continual_magmax": ContinualMagMax,
+    "nufilt": NuFILT,
+    "wudi": WUDI,
 }
 
 #: deploy name -> strategy class (each declares ``defaults``: its hyper-parameters and defaults)
-METHODS: dict[str, type[Strategy]] = {}
+METHODS: dict[str, type[Strategy]] = {
+    "opcm": OPCM,
+    "continual_wa": ContinualWeightAverage,
+    "continual_ta": ContinualTaskArithmetic,
+    "continual_ties": ContinualTIES,
+    "continual_magmax": ContinualMagMax,
+    "nufilt": NuFILT,
+    "wudi": WUDI,
+}
 
 
 def method_defaults(name: str) -> dict[str, Any]:

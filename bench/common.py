@@ -1,0 +1,465 @@
+"""Shared benchmark helpers: open_clip-shaped checkpoints on disk, clean memory measurement, I/O floors.
+
+* **Checkpoints.** ``layout(spec)`` builds an open_clip model from its bundled config on the ``meta``
+  device (shapes only, no memory, no download) and returns ``name -> (shape, dtype)`` for the full CLIP
+  or its vision tower. ``ensure_checkpoints`` writes a seeded random base and ``n`` experts (base +
+  seeded Gaussian perturbation) to disk **tensor by tensor** with the project's streaming writer, so a
+  model larger than RAM can be generated; files are cached under ``bench/out/models/`` and reused
+  while the recipe (spec, seed, scale, format version) is unchanged.
+* **Measurement.** ``run_worker("module:function", args)`` runs ``function(args, meter)`` in a fresh
+  interpreter (imports done first), so every case starts from a clean heap. ``Meter`` samples
+  ``/proc/self/status`` (``RssAnon``: private anonymous memory; ``VmRSS``) from a background thread
+  and resets the kernel's peak-RSS counter (``VmHWM``) per phase; each phase reports its wall time
+  and its peak above the *idle baseline* taken by ``meter.baseline()`` (DESIGN §4: peak memory is
+  private memory above the idle process; RSS is printed beside it because clean page-cache pages of
+  memory-mapped inputs count in RSS but are reclaimable).
+* **I/O floor.** ``io_floor`` reads given files and writes files of given sizes with ``fsync``: the
+  time any implementation needs just to move the same bytes.
+
+Run ``python bench/common.py --selftest`` to check the meter on a known allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import hashlib
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+MiB = 1 << 20
+RESULT_TAG = "@@BENCH-RESULT "
+
+#: bump when the generation recipe changes (invalidates cached checkpoints)
+RECIPE_VERSION = 1
+
+
+# Formatting ------------------------------------------------------------------------------------
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, k in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{sign}{n / k:.1f} {unit}" if unit != "GiB" else f"{sign}{n / k:.2f} {unit}"
+    return f"{sign}{int(n)} B"
+
+
+def fmt_table(headers: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> str:
+    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(cells, widths, align))
+
+    out = [line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+# open_clip layouts -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """An open_clip architecture (bundled config name) and which part of it: ``full`` or ``visual``."""
+
+    arch: str
+    tower: str = "full"
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        arch, _, tower = text.partition(":")
+        tower = tower or "full"
+        if tower not in ("full", "visual"):
+            raise ValueError(f"model {text!r}: tower must be 'full' or 'visual'")
+        return cls(arch, tower)
+
+    @property
+    def key(self) -> str:
+        return f"{self.arch}-{self.tower}"
+
+    @property
+    def label(self) -> str:
+        return self.arch if self.tower == "full" else f"{self.arch}:visual"
+
+
+def layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], "torch.dtype"]]:
+    """``name -> (shape, dtype)`` of a randomly initialisable open_clip model, built on the meta device
+    from open_clip's bundled config (no weights are read or downloaded; nothing is allocated)."""
+    import open_clip
+    import torch
+
+    cfg = open_clip.get_model_config(spec.arch)
+    if cfg is None:
+        raise ValueError(f"open_clip has no bundled config named {spec.arch!r}")
+    cfg = dict(cfg)
+    custom_text = cfg.pop("custom_text", False)
+    for k in ("multimodal_cfg", "quick_gelu", "cast_dtype", "init_logit_bias"):
+        if k == "multimodal_cfg" and k in cfg:
+            raise ValueError(f"{spec.arch}: CoCa-style models are not supported by this benchmark")
+        cfg.pop(k, None)
+    with torch.device("meta"):
+        model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+    sd = model.visual.state_dict() if spec.tower == "visual" else model.state_dict()
+    return {k: (tuple(v.shape), v.dtype) for k, v in sorted(sd.items())}
+
+
+def layout_stats(lay: dict) -> dict:
+    """Total bytes, tensor count and the largest tensor of a layout."""
+    import torch
+
+    sizes = {k: math.prod(s) * (torch.finfo(d).bits if d.is_floating_point else torch.iinfo(d).bits) // 8 for k, (s, d) in lay.items()}
+    big = max(sizes, key=sizes.get)
+    return {"nbytes": sum(sizes.values()), "n_tensors": len(sizes), "largest_name": big, "largest_bytes": sizes[big],
+            "params": sum(math.prod(s) for s, _ in lay.values())}
+
+
+def _name_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def init_tensor(name: str, shape: tuple[int, ...], dtype, seed: int):
+    """A seeded random initial value in the spirit of open_clip's init (norm weights 1, biases 0,
+    embeddings N(0, 0.02²), weights N(0, 1/fan_in)); each tensor has its own generator so any tensor
+    can be regenerated alone, in any order."""
+    import torch
+
+    leaf = name.rsplit(".", 1)[-1]
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)
+    if name.endswith("logit_scale"):
+        return torch.full(shape, math.log(1 / 0.07), dtype=dtype)
+    if leaf.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    if len(shape) == 1 and leaf == "weight":  # LayerNorm scales
+        return torch.ones(shape, dtype=dtype)
+    g = torch.Generator().manual_seed(_name_seed("init", seed, name))
+    if "embedding" in name:
+        std = 0.02 if "token" in name else 0.01
+    else:
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0] if shape else 1
+        std = fan_in ** -0.5
+    return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
+
+
+def perturbation(name: str, shape: tuple[int, ...], seed: int, scale: float):
+    """The seeded noise an expert adds to the base (float32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(_name_seed("expert", seed, name))
+    return torch.randn(shape, generator=g, dtype=torch.float32).mul_(scale)
+
+
+def write_streamed(path: Path, lay: dict, produce: Callable[[str], "torch.Tensor"]) -> None:
+    """Write a single ``.safetensors`` file atomically, one tensor at a time (``produce(name)`` is
+    called in canonical order and its result dropped right after it is written)."""
+    from mergewatch.checkpoint.writer import SINGLE_FILE, CheckpointWriter, TensorSpec, fsync_path
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        w = CheckpointWriter(tmp, [TensorSpec(k, d, s) for k, (s, d) in lay.items()])
+        for spec in w.specs:
+            w.write(spec.name, produce(spec.name))
+        w.close()
+        os.replace(tmp / SINGLE_FILE, path)
+        fsync_path(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_checkpoints(spec: ModelSpec, n_experts: int = 2, *, seed: int = 0, scale: float = 0.01,
+                       root: Path | None = None, regenerate: bool = False, log=print) -> dict:
+    """Base and ``n_experts`` experts of ``spec`` on disk (generated once, then cached).
+
+    Returns ``{"base": Path, "experts": [Path, ...], "stats": layout_stats}``. Expert ``i`` is
+    ``base + N(0, scale²)`` on every floating tensor, seeded by ``(seed + i, name)``."""
+    import torch
+
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+
+    root = Path(root or OUT_DIR / "models") / spec.key
+    root.mkdir(parents=True, exist_ok=True)
+    lay = layout(spec)
+    stats = layout_stats(lay)
+    recipe = {"version": RECIPE_VERSION, "arch": spec.arch, "tower": spec.tower, "seed": seed, "scale": scale,
+              "nbytes": stats["nbytes"]}
+    base = root / "base.safetensors"
+    experts = [root / f"expert-{i}.safetensors" for i in range(1, n_experts + 1)]
+    stamp = root / "recipe.json"
+    try:
+        cached = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        cached = None
+    fresh = regenerate or cached != recipe
+    if fresh:
+        stamp.unlink(missing_ok=True)
+    if fresh or not base.is_file():
+        t = time.perf_counter()
+        write_streamed(base, lay, lambda n: init_tensor(n, *lay[n], seed))
+        log(f"  generated {base.relative_to(REPO)} ({fmt_bytes(stats['nbytes'])}) in {time.perf_counter() - t:.1f} s")
+    ckpt = LazyCheckpoint(base)
+    for i, path in enumerate(experts, start=1):
+        if fresh or not path.is_file():
+            t = time.perf_counter()
+
+            def produce(n, _i=i):
+                v = ckpt[n]
+                if not v.dtype.is_floating_point:
+                    return v
+                return (v.to(torch.float32) + perturbation(n, v.shape, seed + _i, scale)).to(v.dtype)
+
+            write_streamed(path, lay, produce)
+            log(f"  generated {path.relative_to(REPO)} in {time.perf_counter() - t:.1f} s")
+    stamp.write_text(json.dumps(recipe, indent=1))
+    return {"base": base, "experts": experts, "stats": stats}
+
+
+# Page cache ------------------------------------------------------------------------------------
+def warm(paths: Iterable[Path], chunk: int = 16 * MiB) -> None:
+    """Read files once so that they are in the page cache (what a daemon usually sees)."""
+    buf = bytearray(chunk)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def evict(paths: Iterable[Path]) -> None:
+    """Drop files' clean pages from the page cache (no root needed); flushes dirty pages first."""
+    os.sync()
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files_under(path: Path) -> list[Path]:
+    path = Path(path)
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+# I/O floor -------------------------------------------------------------------------------------
+def io_floor(inputs: Sequence[Path], output_sizes: Sequence[int], scratch: Path, chunk: int = 8 * MiB) -> dict:
+    """Read every input file fully, then write one file per output size (fsync each, then the
+    directory). Returns the byte counts and the read and write times."""
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    buf = bytearray(chunk)
+    payload = memoryview(os.urandom(chunk))
+    t0 = time.perf_counter()
+    read = 0
+    for p in inputs:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                k = f.readinto(buf)
+                if not k:
+                    break
+                read += k
+    t1 = time.perf_counter()
+    written = 0
+    for i, size in enumerate(output_sizes):
+        with open(scratch / f"out-{i}.bin", "wb", buffering=0) as f:
+            left = size
+            while left:
+                k = f.write(payload[: min(left, chunk)])
+                left -= k
+            os.fsync(f.fileno())
+        written += size
+    fd = os.open(scratch, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    t2 = time.perf_counter()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"bytes_read": read, "bytes_written": written, "read_seconds": t1 - t0, "write_seconds": t2 - t1}
+
+
+# Memory measurement ----------------------------------------------------------------------------
+def read_status() -> tuple[int, int]:
+    """(RSS, private anonymous resident bytes) of this process from ``/proc/self/status``."""
+    rss = anon = 0
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith(b"RssAnon:"):
+                anon = int(line.split()[1]) * 1024
+                break  # RssAnon comes after VmRSS
+    return rss, anon
+
+
+def _read_hwm() -> int:
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the kernel (glibc), so the baseline is the idle process."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Meter:
+    """Samples RSS and private anonymous memory every ``interval`` seconds in a background thread.
+
+    ``baseline()`` fixes the idle reference; ``phase(name)`` measures one stretch of work: wall time,
+    peak private memory and peak RSS above the baseline (the RSS peak is also read from the kernel's
+    exact ``VmHWM`` counter, reset at the start of the phase), and the memory left at its end."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.base_rss, self.base_anon = read_status()
+        self.phases: dict[str, dict] = {}
+        self._max_rss = self._max_anon = 0
+        self._samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, anon = read_status()
+            if rss > self._max_rss:
+                self._max_rss = rss
+            if anon > self._max_anon:
+                self._max_anon = anon
+            self._samples += 1
+            time.sleep(self.interval)
+
+    def baseline(self) -> None:
+        trim_heap()
+        self.base_rss, self.base_anon = read_status()
+
+    @contextmanager
+    def phase(self, name: str):
+        trim_heap()
+        rss0, anon0 = read_status()
+        hwm_ok = _reset_hwm()
+        self._max_rss, self._max_anon, self._samples = rss0, anon0, 0
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            rss1, anon1 = read_status()
+            peak_rss = max(self._max_rss, rss1, _read_hwm() if hwm_ok else 0)
+            peak_anon = max(self._max_anon, anon1)
+            self.phases[name] = {
+                "seconds": dt,
+                "peak_private": peak_anon - self.base_anon,
+                "peak_rss": peak_rss - self.base_rss,
+                "start_private": anon0 - self.base_anon,
+                "end_private": anon1 - self.base_anon,
+                "samples": self._samples,
+            }
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_worker(target: str, args: dict, *, interval: float = 0.001, timeout: float | None = None) -> dict:
+    """Run ``target`` ("module:function" importable from ``bench/``) as ``function(args, meter)`` in a
+    fresh interpreter and return ``{"phases": {...}, "result": <its return value>, "baseline": {...}}``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", target, "--interval", str(interval)]
+    proc = subprocess.run(cmd, input=json.dumps(args, default=str), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+    raise RuntimeError(f"benchmark worker {target} failed (exit {proc.returncode})")
+
+
+def _worker_main(target: str, interval: float) -> None:
+    # Import everything a case may need before the baseline: the baseline is "the idle process after
+    # imports", so import-time memory is not charged to the measured step.
+    import torch  # noqa: F401
+    import safetensors.torch  # noqa: F401
+
+    import mergewatch.workspace  # noqa: F401
+
+    sys.path.insert(0, str(BENCH_DIR))
+    module, _, func = target.partition(":")
+    fn = getattr(importlib.import_module(module), func)
+    args = json.loads(sys.stdin.read() or "{}")
+    meter = Meter(interval)
+    try:
+        result = fn(args, meter)
+    finally:
+        meter.close()
+    out = {"phases": meter.phases, "result": result, "baseline": {"rss": meter.base_rss, "private": meter.base_anon}}
+    sys.stdout.write(RESULT_TAG + json.dumps(out, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# Self-test -------------------------------------------------------------------------------------
+def selftest_alloc(args: dict, meter: Meter) -> dict:
+    """Allocate and touch ``mib`` MiB, free it: the phase must report about that peak."""
+    import torch
+
+    meter.baseline()
+    with meter.phase("alloc"):
+        x = torch.ones(args["mib"] * MiB // 4)
+        time.sleep(0.02)
+        del x
+    return {}
+
+
+def _selftest() -> int:
+    r = run_worker("common:selftest_alloc", {"mib": 256})
+    ph = r["phases"]["alloc"]
+    print(f"allocated 256 MiB: peak private {fmt_bytes(ph['peak_private'])}, peak RSS {fmt_bytes(ph['peak_rss'])}, "
+          f"{ph['samples']} samples; baseline private {fmt_bytes(r['baseline']['private'])}")
+    ok = 250 * MiB <= ph["peak_private"] <= 270 * MiB
+    print("ok" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help="module:function to run measured (internal)")
+    ap.add_argument("--interval", type=float, default=0.001)
+    ap.add_argument("--selftest", action="store_true")
+    ns = ap.parse_args()
+    if ns.worker:
+        _worker_main(ns.worker, ns.interval)
+    elif ns.selftest:
+        sys.exit(_selftest())
+    else:
+        ap.print_help()

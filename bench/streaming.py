@@ -1,0 +1,413 @@
+"""Streaming merge step vs a naive whole-model implementation, and vs the I/O floor.
+
+For each model (open_clip architectures with seeded random init; experts = base + seeded noise):
+
+* ``ours wa/ema``  a Workspace with init=ema, deploy=ema, technique=wa; expert 1 merged beforehand,
+                   then expert 2 measured: validate, claim (copy into the store), step (run_step +
+                   commit + publish + retention). The step reads base, expert and EMA state and
+                   writes the new EMA state plus the deploy and init views.
+* ``ours ties``    init=zs, deploy=all, technique=ties (trim per tensor): step 2 reads base and both
+                   experts, writes deploy.
+* ``naive``        the same formulas on whole state dicts: ``safetensors.torch.load_file`` of every
+                   input, compute in memory, ``save_file`` of every output (+ fsync, like ours).
+* ``io floor``     read the same input files, write the same output byte counts, fsync.
+
+Every case runs in a fresh interpreter; peak memory is private (anonymous) memory above that
+process's idle baseline after imports (DESIGN §4), RSS is printed beside it. Goals (the issue):
+peak_private(step) <= 6 x largest tensor + 64 MiB, whatever the model size; step time <= 2 x I/O floor
+for WA/EMA. Results of ours and naive are compared tensor by tensor (max abs diff).
+
+    python bench/streaming.py                 # default models
+    python bench/streaming.py --quick         # ViT-B-32 only
+    python bench/streaming.py --models ViT-B-32:visual ViT-L-14
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MiB,
+    OUT_DIR,
+    ModelSpec,
+    ensure_checkpoints,
+    evict,
+    files_under,
+    fmt_bytes,
+    fmt_table,
+    io_floor,
+    run_worker,
+    warm,
+)
+
+DEFAULT_MODELS = ("ViT-B-32:visual", "ViT-B-32", "ViT-L-14")
+QUICK_MODELS = ("ViT-B-32",)
+EMA_W = 0.5
+TIES_P = 0.8
+TIES_LAMBDA = 1.0
+
+POLICIES = {
+    "wa/ema": {"init": "ema", "deploy": "ema", "technique": "wa", "w": EMA_W},
+    "ties": {"init": "zs", "deploy": "all", "technique": "ties", "lambda": TIES_LAMBDA, "ties": {"p": TIES_P, "trim": "tensor"}},
+}
+
+
+def bound_bytes(largest: int) -> int:
+    """The issue's memory goal for one step: 6 x the largest single tensor + 64 MiB."""
+    return 6 * largest + 64 * MiB
+
+
+# Workers (each runs in a fresh interpreter via common.run_worker) --------------------------------
+def _settings(args: dict):
+    from mergewatch import config
+
+    return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": 0, "policy": args["policy"]})
+
+
+def worker_setup(args: dict, meter) -> dict:
+    """Fresh workspace with expert 1 merged (not measured for memory)."""
+    from mergewatch.workspace import Workspace
+
+    shutil.rmtree(args["workspace"], ignore_errors=True)
+    ws = Workspace(_settings(args))
+    t = time.perf_counter()
+    out = ws.merge(args["expert"], name="expert-1")
+    return {"seconds": time.perf_counter() - t, "status": out.status}
+
+
+def worker_ours(args: dict, meter) -> dict:
+    """Expert 2 through validate -> claim -> step, each a measured phase."""
+    from mergewatch.workspace import Workspace
+
+    ws = Workspace(_settings(args))
+    prev = ws.latest()
+    need_all = ws.strategy.buffer_need().value == "all"
+    meter.baseline()
+    with meter.phase("validate"):
+        _, report = ws.validate(args["expert"])
+    with meter.phase("claim"):
+        stored = ws.store.claim(args["expert"], report.content_sha256)
+    inputs = [*ws.base.files]
+    if need_all:
+        for i in prev.expert_ids:
+            inputs += ws.store.open(i).files
+    inputs.append(Path(args["expert"]))  # same bytes as the stored copy (which retention may drop)
+    for s in prev.sets().values():
+        inputs += s.files
+    with meter.phase("step"):
+        out = ws.step(report.content_sha256, "expert-2")
+    snap = ws.states.load(out.step)
+    outputs = [p for p in files_under(snap.directory) if p.suffix == ".safetensors"]
+    return {
+        "engine_seconds": snap.record["seconds"],
+        "inputs": [str(p) for p in inputs],
+        "outputs": {str(p.relative_to(snap.directory)): p.stat().st_size for p in outputs},
+        "state_dir": str(snap.directory),
+        "stored": str(stored),
+        "expert_bytes": Path(args["expert"]).stat().st_size,
+    }
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def worker_naive_wa(args: dict, meter) -> dict:
+    """Whole-model EMA step: θ_ema = w θ_2 + (1 − w) θ_ema(1); outputs state, deploy, init."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(args["out"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    w = args["w"]
+    meter.baseline()
+    times = {}
+    with meter.phase("naive"):
+        t = time.perf_counter()
+        base = load_file(args["base"])
+        expert = load_file(args["expert"])
+        state = load_file(args["state"])
+        times["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ema = {}
+        for k, b in base.items():
+            ema[k] = w * expert[k].float() + (1 - w) * state[k] if b.dtype.is_floating_point else b
+        view = {k: v.to(base[k].dtype) for k, v in ema.items()}
+        times["compute"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for name, d in (("ema", ema), ("deploy", view), ("init", view)):
+            p = out_dir / f"{name}.safetensors"
+            save_file(d, str(p))
+            _fsync(p)
+        _fsync(out_dir)
+        times["save"] = time.perf_counter() - t
+    return {"times": times, "outputs": {n: str(out_dir / f"{n}.safetensors") for n in ("ema", "deploy", "init")}}
+
+
+def _is_fused(name: str) -> bool:
+    return name.endswith("attn.in_proj_weight")
+
+
+def _naive_trim(t, p: float):
+    """Keep the top ⌊(1 − p)·d⌋ + 1 magnitudes of t (entries tied with the threshold kept)."""
+    import torch
+
+    d = t.numel()
+    keep = d - int((1 - Fraction(repr(p))) * d // 1)
+    if keep <= 0 or d == 0:
+        return t
+    thr = torch.kthvalue(t.abs().flatten(), keep).values
+    return torch.where(t.abs() >= thr, t, torch.zeros_like(t))
+
+
+def naive_ties_tensor(base, experts, p: float, lam: float, fused: bool):
+    """TIES (Yadav et al. 2023) for one tensor, written independently of mergewatch: trim each task
+    vector (per q/k/v block for fused in_proj), elect signs by the sum, mean of the agreeing entries."""
+    import torch
+
+    taus = [e - base for e in experts]
+    if fused:
+        trimmed = [torch.cat([_naive_trim(c, p) for c in tau.chunk(3, dim=0)]) for tau in taus]
+    else:
+        trimmed = [_naive_trim(tau, p) for tau in taus]
+    total = torch.zeros_like(base)
+    for t in trimmed:
+        total += t
+    sign = torch.sign(total)
+    acc = torch.zeros_like(base)
+    cnt = torch.zeros_like(base)
+    for t in trimmed:
+        agree = (torch.sign(t) == sign) & (sign != 0)
+        acc += torch.where(agree, t, torch.zeros_like(t))
+        cnt += agree.float()
+    return base + lam * (acc / cnt.clamp_min(1.0))
+
+
+def worker_naive_ties(args: dict, meter) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(args["out"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    meter.baseline()
+    times = {}
+    with meter.phase("naive"):
+        t = time.perf_counter()
+        base = load_file(args["base"])
+        experts = [load_file(e) for e in args["experts"]]
+        times["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        deploy = {}
+        for k, b in base.items():
+            if not b.dtype.is_floating_point:
+                deploy[k] = b
+                continue
+            deploy[k] = naive_ties_tensor(b.float(), [e[k].float() for e in experts], args["p"], args["lam"], _is_fused(k)).to(b.dtype)
+        times["compute"] = time.perf_counter() - t
+        t = time.perf_counter()
+        p = out_dir / "deploy.safetensors"
+        save_file(deploy, str(p))
+        _fsync(p)
+        _fsync(out_dir)
+        times["save"] = time.perf_counter() - t
+    return {"times": times, "outputs": {"deploy": str(p)}}
+
+
+def worker_io(args: dict, meter) -> dict:
+    meter.baseline()
+    with meter.phase("io"):
+        r = io_floor([Path(p) for p in args["inputs"]], args["sizes"], Path(args["scratch"]))
+    return r
+
+
+# Comparison --------------------------------------------------------------------------------------
+def max_abs_diff(a: Path, b: Path) -> float:
+    import torch
+
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+
+    ca, cb = LazyCheckpoint(a), LazyCheckpoint(b)
+    if set(ca) != set(cb):
+        raise AssertionError(f"{a} and {b} hold different tensor names")
+    worst = 0.0
+    for k in ca:
+        x, y = ca[k], cb[k]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise AssertionError(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
+        if x.numel():
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return worst
+
+
+# Orchestration -----------------------------------------------------------------------------------
+def prepare_inputs(paths, cold: bool) -> None:
+    os.sync()  # nothing dirty left from setup competes with the measured writes
+    if cold:
+        evict(paths)
+    else:
+        warm(paths)
+
+
+def run_model(spec: ModelSpec, ns) -> dict:
+    print(f"\n== {spec.label}: preparing checkpoints", flush=True)
+    ck = ensure_checkpoints(spec, 2, seed=ns.seed)
+    stats = ck["stats"]
+    base, (e1, e2) = ck["base"], ck["experts"]
+    work = OUT_DIR / "runs" / spec.key
+    res = {"spec": spec.label, "stats": stats, "cases": {}}
+    for pname, policy in POLICIES.items():
+        if pname not in ns.policies:
+            continue
+        tag = pname.replace("/", "-")
+        ws = work / f"ws-{tag}"
+        args = {"workspace": str(ws), "base": str(base), "policy": policy}
+        t = time.perf_counter()
+        setup = run_worker("streaming:worker_setup", {**args, "expert": str(e1)})
+        print(f"  {pname}: step 1 (setup) {setup['result']['seconds']:.1f} s", flush=True)
+        prepare_inputs([base, e1, e2, *files_under(ws / "state")], ns.cold)
+        ours = run_worker("streaming:worker_ours", {**args, "expert": str(e2)}, interval=ns.interval)
+        r = ours["result"]
+        print(f"  {pname}: ours measured (step {ours['phases']['step']['seconds']:.1f} s)", flush=True)
+        state_dir = Path(r["state_dir"])
+        prev_dir = state_dir.parent / str(int(state_dir.name) - 1)
+        naive = None
+        if not ns.no_naive:
+            if pname == "wa/ema":
+                nargs = {"base": str(base), "expert": str(e2), "state": str(prev_dir / "sets/ema/model.safetensors"),
+                         "w": EMA_W, "out": str(work / f"naive-{tag}")}
+                prepare_inputs([Path(nargs["base"]), e2, Path(nargs["state"])], ns.cold)
+                naive = run_worker("streaming:worker_naive_wa", nargs, interval=ns.interval)
+                pairs = {"ema": state_dir / "sets/ema/model.safetensors", "deploy": state_dir / "views/deploy/model.safetensors",
+                         "init": state_dir / "views/init/model.safetensors"}
+            else:
+                nargs = {"base": str(base), "experts": [str(e1), str(e2)], "p": TIES_P, "lam": TIES_LAMBDA,
+                         "out": str(work / f"naive-{tag}")}
+                prepare_inputs([base, e1, e2], ns.cold)
+                naive = run_worker("streaming:worker_naive_ties", nargs, interval=ns.interval)
+                pairs = {"deploy": state_dir / "views/deploy/model.safetensors"}
+            print(f"  {pname}: naive measured ({naive['phases']['naive']['seconds']:.1f} s)", flush=True)
+            naive["diff"] = {k: max_abs_diff(Path(naive["result"]["outputs"][k]), v) for k, v in pairs.items()}
+            shutil.rmtree(work / f"naive-{tag}", ignore_errors=True)
+        # I/O floor of the step: the same input files, the same output byte counts.
+        inputs = [Path(p) for p in r["inputs"]]
+        sizes = list(r["outputs"].values())
+        prepare_inputs(inputs, ns.cold)
+        floor = run_worker("streaming:worker_io", {"inputs": [str(p) for p in inputs], "sizes": sizes,
+                                                   "scratch": str(work / "io-scratch")}, interval=ns.interval)
+        # ... and of validate + claim: read the expert once, copy it (read + write + fsync).
+        prepare_inputs([e2], ns.cold)
+        floor_vc = run_worker("streaming:worker_io", {"inputs": [str(e2), str(e2)], "sizes": [r["expert_bytes"]],
+                                                      "scratch": str(work / "io-scratch")}, interval=ns.interval)
+        res["cases"][pname] = {"ours": ours, "naive": naive, "floor": floor, "floor_vc": floor_vc, "setup": setup,
+                               "wall": time.perf_counter() - t}
+        if not ns.keep:
+            shutil.rmtree(ws, ignore_errors=True)
+    if not ns.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def report(results: list[dict]) -> None:
+    print("\n" + "=" * 100)
+    print("Models (float32; random init from open_clip's bundled configs; experts = base + N(0, 0.01^2))")
+    print(fmt_table(
+        ["model", "tensors", "params", "size", "largest tensor", "largest", "bound 6x+64MiB"],
+        [[r["spec"], r["stats"]["n_tensors"], f"{r['stats']['params'] / 1e6:.1f} M", fmt_bytes(r["stats"]["nbytes"]),
+          r["stats"]["largest_name"], fmt_bytes(r["stats"]["largest_bytes"]), fmt_bytes(bound_bytes(r["stats"]["largest_bytes"]))]
+         for r in results],
+        "lrrrlrr",
+    ))
+    rows = []
+    for r in results:
+        for pname, c in r["cases"].items():
+            ph = c["ours"]["phases"]
+            res = c["ours"]["result"]
+            rd, wr = c["floor"]["result"]["bytes_read"], c["floor"]["result"]["bytes_written"]
+            rows.append([r["spec"], pname, "ours: step", f"{ph['step']['seconds']:.2f}", fmt_bytes(ph["step"]["peak_private"]),
+                         fmt_bytes(ph["step"]["peak_rss"]), f"read {fmt_bytes(rd)}, write {fmt_bytes(wr)}"])
+            rows.append([r["spec"], pname, "  of which run_step", f"{res['engine_seconds']:.2f}", "", "", ""])
+            rows.append([r["spec"], pname, "ours: validate", f"{ph['validate']['seconds']:.2f}", fmt_bytes(ph["validate"]["peak_private"]),
+                         fmt_bytes(ph["validate"]["peak_rss"]), "reads + hashes the expert"])
+            rows.append([r["spec"], pname, "ours: claim (copy)", f"{ph['claim']['seconds']:.2f}", fmt_bytes(ph["claim"]["peak_private"]),
+                         fmt_bytes(ph["claim"]["peak_rss"]), "daemon moves instead (rename)"])
+            if c["naive"]:
+                n = c["naive"]
+                t = n["result"]["times"]
+                rows.append([r["spec"], pname, "naive (whole model)", f"{n['phases']['naive']['seconds']:.2f}",
+                             fmt_bytes(n["phases"]["naive"]["peak_private"]), fmt_bytes(n["phases"]["naive"]["peak_rss"]),
+                             f"load {t['load']:.1f} s, compute {t['compute']:.1f} s, save {t['save']:.1f} s"])
+            f = c["floor"]["result"]
+            rows.append([r["spec"], pname, "I/O floor (step)", f"{c['floor']['phases']['io']['seconds']:.2f}", "", "",
+                         f"read {f['read_seconds']:.2f} s, write+fsync {f['write_seconds']:.2f} s"])
+            rows.append([r["spec"], pname, "I/O floor (validate+claim)", f"{c['floor_vc']['phases']['io']['seconds']:.2f}", "", "", ""])
+    print("\nMeasurements (each row a fresh process; memory = peak above that process's idle baseline after imports)")
+    print(fmt_table(["model", "policy", "case", "seconds", "peak private", "peak RSS", "notes"], rows, "lllrrrl"))
+    rows = []
+    for r in results:
+        bound = bound_bytes(r["stats"]["largest_bytes"])
+        for pname, c in r["cases"].items():
+            ph = c["ours"]["phases"]
+            step_s, floor_s = ph["step"]["seconds"], c["floor"]["phases"]["io"]["seconds"]
+            merge_s = step_s + ph["validate"]["seconds"] + ph["claim"]["seconds"]
+            merge_floor = floor_s + c["floor_vc"]["phases"]["io"]["seconds"]
+            peak = max(ph["step"]["peak_private"], 1)
+            naive = c["naive"]
+            rows.append([
+                r["spec"], pname,
+                f"{ph['step']['peak_private'] / bound:.2f}",
+                f"{naive['phases']['naive']['peak_private'] / peak:.1f}" if naive else "-",
+                f"{step_s / floor_s:.2f}",
+                f"{c['ours']['result']['engine_seconds'] / floor_s:.2f}",
+                f"{merge_s / merge_floor:.2f}",
+                f"{max(naive['diff'].values()):.3g}" if naive else "-",
+            ])
+    print("\nRATIOS (goals: ours_peak/bound <= 1 for every model; step/io_floor <= 2 for wa/ema)")
+    print(fmt_table(["model", "policy", "ours_peak/bound", "naive_peak/ours_peak", "step/io_floor", "run_step/io_floor",
+                     "merge/io_floor", "max|ours-naive|"], rows, "llrrrrrr"))
+    for r in results:
+        for pname, c in r["cases"].items():
+            if c["naive"]:
+                print(f"  {r['spec']} {pname}: max abs diff ours vs naive per output: "
+                      + ", ".join(f"{k} {v:.3g}" for k, v in c["naive"]["diff"].items()))
+    print("  step = Workspace.step (run_step + commit + publish + retention); merge = validate + claim + step,"
+          " against the floor of the step plus reading the expert once and copying it.")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=None, help=f"open_clip config names, ':visual' for the vision tower (default {' '.join(DEFAULT_MODELS)})")
+    ap.add_argument("--quick", action="store_true", help=f"only {' '.join(QUICK_MODELS)}")
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--cold", action="store_true", help="evict inputs from the page cache before each case (default: warm)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
+    ap.add_argument("--keep", action="store_true", help="keep workspaces under bench/out/runs/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interval", type=float, default=0.001, help="memory sampling interval (s)")
+    ap.add_argument("--json", type=Path, help="also write all measurements to this file")
+    ns = ap.parse_args(argv)
+    models = ns.models or (QUICK_MODELS if ns.quick else DEFAULT_MODELS)
+    t0 = time.perf_counter()
+    results = [run_model(ModelSpec.parse(m), ns) for m in models]
+    report(results)
+    print(f"\ntotal benchmark time {time.perf_counter() - t0:.0f} s")
+    if ns.json:
+        ns.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""The ledger: SQLite in WAL mode, the single source of truth for what happened (DESIGN §3.3).
+
+Tables: ``experts`` (one row per drop, in arrival order ``seq``; ``id`` is the content sha256 once
+known), ``steps`` (one row per merge step), ``versions`` (published versions per view),
+``evaluations`` and ``events`` (an append-only log of every state change). The schema is versioned
+with ``PRAGMA user_version`` and upgraded by the ordered ``MIGRATIONS`` on open.
+
+Only the daemon's main loop writes (one connection, one thread); readers (``mergewatch status``)
+open their own connection, which WAL lets them do while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STATUSES = ("queued", "merging", "merged", "rejected", "duplicate")
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE experts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT,
+        name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued','merging','merged','rejected','duplicate')),
+        reason TEXT NOT NULL DEFAULT '',
+        step INTEGER,
+        meta TEXT NOT NULL DEFAULT '{}',
+        received_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX experts_status ON experts(status, seq);
+    CREATE INDEX experts_id ON experts(id);
+    CREATE TABLE steps (
+        step INTEGER PRIMARY KEY,
+        expert_id TEXT NOT NULL,
+        expert_seq INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        committed_at REAL,
+        published_at REAL,
+        merge_seconds REAL,
+        deploy_version INTEGER,
+        init_version INTEGER
+    );
+    CREATE TABLE versions (
+        view TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        step INTEGER NOT NULL,
+        content_sha256 TEXT,
+        created_at REAL NOT NULL,
+        note TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (view, version)
+    );
+    CREATE TABLE evaluations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        view TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        step INTEGER,
+        metrics TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        expert_seq INTEGER,
+        expert_id TEXT,
+        step INTEGER,
+        version INTEGER,
+        data TEXT NOT NULL DEFAULT '{}'
+    );
+    """,
+]
+
+
+@dataclass
+class ExpertRow:
+    seq: int
+    id: str | None
+    name: str
+    source: str
+    fingerprint: str
+    status: str
+    reason: str
+    step: int | None
+    meta: dict
+    received_at: float
+    updated_at: float
+
+    def public(self) -> dict:
+        return {"seq": self.seq, "id": self.id, "name": self.name, "status": self.status, "reason": self.reason, "step": self.step}
+
+
+class Ledger:
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+        else:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.row_factory = sqlite3.Row
+        if not readonly:
+            self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # Schema ----------------------------------------------------------------------------------
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        v = self.schema_version
+        if v > len(MIGRATIONS):
+            raise RuntimeError(f"{self.path}: ledger schema {v} is newer than this mergewatch ({len(MIGRATIONS)})")
+        for i in range(v, len(MIGRATIONS)):
+            # One transaction per migration (SQLite DDL is transactional): all of it or nothing.
+            self.db.executescript("BEGIN IMMEDIATE;" + MIGRATIONS[i] + f";PRAGMA user_version={i + 1};COMMIT;")
+
+    def tx(self):
+        return _Tx(self.db)
+
+    # Experts ---------------------------------------------------------------------------------
+    def add_drop(self, name: str, source: str, fingerprint: str, meta: dict | None = None) -> int:
+        now = time.time()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO experts(name, source, fingerprint, status, meta, received_at, updated_at) VALUES (?,?,?,?,?,?,?)",
+                (name, source, fingerprint, "queued", json.dumps(meta or {}), now, now),
+            )
+            seq = cur.lastrowid
+            self._event("queued", seq, None, data={"name": name})
+        return seq
+
+    def is_pending_source(self, source: str) -> bool:
+        """A drop at this inbox path is queued or being merged (so a rescan must not add it again)."""
+        r = self.db.execute("SELECT 1 FROM experts WHERE source=? AND status IN ('queued','merging') LIMIT 1", (source,)).fetchone()
+        return r is not None
+
+    def next_queued(self) -> ExpertRow | None:
+        r = self.db.execute("SELECT * FROM experts WHERE status IN ('merging','queued') ORDER BY (status='merging') DESC, seq LIMIT 1").fetchone()
+        return _row(r) if r else None
+
+    def get(self, seq: int) -> ExpertRow:
+        return _row(self.db.execute("SELECT * FROM experts WHERE seq=?", (seq,)).fetchone())
+
+    def experts(self, status: str | None = None, limit: int | None = None) -> list[ExpertRow]:
+        q = "SELECT * FROM experts" + (" WHERE status=?" if status else "") + " ORDER BY seq" + (f" LIMIT {int(limit)}" if limit else "")
+        return [_row(r) for r in self.db.execute(q, (status,) if status else ())]
+
+    def queue_depth(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM experts WHERE status IN ('queued','merging')").fetchone()[0]
+
+    def set_status(self, seq: int, status: str, *, id: str | None = None, reason: str | None = None, step: int | None = None, meta: dict | None = None) -> None:
+        assert status in STATUSES
+        sets, args = ["status=?", "updated_at=?"], [status, time.time()]
+        for col, val in (("id", id), ("reason", reason), ("step", step)):
+            if val is not None:
+                sets.append(f"{col}=?")
+                args.append(val)
+        if meta is not None:
+            sets.append("meta=?")
+            args.append(json.dumps(meta))
+        with self.tx():
+            self.db.execute(f"UPDATE experts SET {', '.join(sets)} WHERE seq=?", (*args, seq))
+            self._event(status, seq, id, step=step, data={"reason": reason} if reason else {})
+
+    def merged_step_of(self, expert_id: str) -> int | None:
+        r = self.db.execute("SELECT step FROM experts WHERE id=? AND status='merged'", (expert_id,)).fetchone()
+        return r[0] if r else None
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in STATUSES}
+        for r in self.db.execute("SELECT status, COUNT(*) FROM experts GROUP BY status"):
+            out[r[0]] = r[1]
+        return out
+
+    # Steps and versions ----------------------------------------------------------------------
+    def step_started(self, step: int, expert_id: str, seq: int) -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT OR REPLACE INTO steps(step, expert_id, expert_seq, started_at) VALUES (?,?,?,?)", (step, expert_id, seq, time.time())
+            )
+            self._event("step_started", seq, expert_id, step=step)
+
+    def step_done(self, step: int, *, merge_seconds: float, versions: dict[str, int | None], contents: dict[str, str | None]) -> None:
+        now = time.time()
+        with self.tx():
+            self.db.execute(
+                "UPDATE steps SET committed_at=COALESCE(committed_at, ?), published_at=?, merge_seconds=?, deploy_version=?, init_version=? WHERE step=?",
+                (now, now, merge_seconds, versions.get("deploy"), versions.get("init"), step),
+            )
+            for view, v in versions.items():
+                if v is not None:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO versions(view, version, step, content_sha256, created_at) VALUES (?,?,?,?,?)",
+                        (view, v, step, contents.get(view), now),
+                    )
+            self._event("published", None, None, step=step, version=versions.get("deploy"), data={"versions": versions})
+
+    def record_version(self, view: str, version: int, step: int, note: str = "") -> None:
+        with self.tx():
+            self.db.execute(
+                "INSERT OR IGNORE INTO versions(view, version, step, created_at, note) VALUES (?,?,?,?,?)", (view, version, step, time.time(), note)
+            )
+            self._event("version", None, None, step=step, version=version, data={"view": view, "note": note})
+
+    def steps(self, limit: int = 10) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM steps ORDER BY step DESC LIMIT ?", (limit,))]
+
+    def event(self, kind: str, **data) -> None:
+        with self.tx():
+            self._event(kind, data.pop("seq", None), data.pop("expert_id", None), step=data.pop("step", None), version=data.pop("version", None), data=data)
+
+    def events(self, limit: int = 100) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def _event(self, kind: str, seq, expert_id, *, step=None, version=None, data=None) -> None:
+        self.db.execute(
+            "INSERT INTO events(ts, kind, expert_seq, expert_id, step, version, data) VALUES (?,?,?,?,?,?,?)",
+            (time.time(), kind, seq, expert_id, step, version, json.dumps(data or {}, default=str)),
+        )
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT (or ROLLBACK on error); nested use joins the outer transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        self.outer = False
+
+    def __enter__(self):
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+        return self.db
+
+    def __exit__(self, et, ev, tb):
+        if self.outer:
+            self.db.execute("COMMIT" if et is None else "ROLLBACK")
+        return False
+
+
+def _row(r: sqlite3.Row) -> ExpertRow:
+    d = dict(r)
+    d["meta"] = json.loads(d.get("meta") or "{}")
+    return ExpertRow(**d)
+
+
+def iter_status(ledger: Ledger) -> Iterator[dict]:
+    for e in ledger.experts():
+        yield e.public()

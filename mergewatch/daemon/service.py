@@ -1,0 +1,339 @@
+"""The daemon: watched inbox → ledger → one merge worker → publish, with recovery (DESIGN §1, §3).
+
+The main thread runs the worker loop and is the only writer of the ledger. Around it: the watchdog
+observer (file events → ``Inbox.note``), the APScheduler jobs (rescan, retention, the systemd
+heartbeat), the Prometheus HTTP server. One iteration of the loop: turn complete drops into queued
+ledger rows (arrival order), then take the oldest queued expert through
+``validate → claim into the store → strategy step → commit state → publish → record``.
+
+Crash safety comes from ordering: a row is marked ``merging`` (with its content id) before the drop
+is moved into the store; the step commits ``state/<t>/`` atomically; publishing is keyed by step.
+On start, ``recover()`` clears staging leftovers, finishes publishing the newest committed step and
+reconciles ``merging`` rows with the committed state: merged if the state already holds the
+expert, merged again (from the store, or the inbox if the move had not happened) otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mergewatch import __version__, config
+from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.faults import crash_point
+from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError
+from mergewatch.daemon import sdnotify
+from mergewatch.daemon.inbox import Drop, Inbox, read_sidecar, reject
+from mergewatch.daemon.ledger import ExpertRow, Ledger
+from mergewatch.daemon.logs import configure_logging, get_logger
+from mergewatch.daemon.metrics import Metrics
+from mergewatch.daemon.scheduler import ProgressHeartbeat, make_scheduler
+from mergewatch.daemon.watcher import InboxWatcher
+from mergewatch.workspace import Workspace
+
+
+
+class Daemon:
+    def __init__(self, settings: config.Settings, *, config_path: Path | None = None, observe: bool = True, idle_wait: float = 0.5):
+        self.settings = settings
+        self.config_path = config_path
+        self.observe = observe
+        self.idle_wait = idle_wait
+        self.log = get_logger(component="daemon")
+        self.ws = Workspace(settings)
+        self.ledger = Ledger(self.ws.root / "ledger.sqlite")
+        self.inbox = Inbox(self.ws.root / "inbox", settings.watch.quiet_seconds)
+        policy_name = settings.policy.deploy if not settings.policy.is_time else f"time-{settings.policy.init}-{settings.policy.deploy}-{settings.policy.technique}"
+        self.policy_name = policy_name
+        self.metrics = Metrics(policy=policy_name, version=__version__)
+        # WATCHDOG=1 only while this loop makes progress (None when systemd asks for no watchdog).
+        self.heartbeat = ProgressHeartbeat.from_environment()
+        self.ws.progress = self._on_tensor
+        self._stop = threading.Event()
+        self._signals = 0
+        self._in_step = False
+        self._reload = threading.Event()
+        self._retention_due = threading.Event()
+        self.watcher: InboxWatcher | None = None
+        self.scheduler = None
+        self.server = None
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._install_signals()
+        self.recover()
+        self.server = self.metrics.serve(self.settings.metrics.listen)
+        if self.observe and self.settings.watch.events:
+            self.watcher = InboxWatcher(self.inbox, polling=self.settings.watch.polling)
+            self.watcher.start()
+        jobs = [
+            ("rescan", self.settings.watch.rescan_seconds, self._rescan_job),
+            ("retention", max(60.0, self.settings.watch.rescan_seconds), self._retention_job),
+        ]
+        if self.heartbeat is not None:
+            jobs.append(self.heartbeat.job())
+        self.scheduler = make_scheduler(jobs, metrics=self.metrics, start=True)
+        self.inbox.scan()
+        self.log.info("ready", workspace=str(self.ws.root), policy=self.policy_name, metrics_port=getattr(self.server, "port", None))
+        sdnotify.ready()
+        sdnotify.status(f"ready: step {self._step()} queue {self.ledger.queue_depth()}")
+        try:
+            while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self.tick()
+        finally:
+            sdnotify.stopping()
+            self.log.info("stopping", step=self._step())
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.server is not None:
+            self.server.close()
+        self.ledger.close()
+
+    def _install_signals(self) -> None:
+        def on_term(signum, frame):
+            self._signals += 1
+            self._stop.set()
+            self.inbox.wakeup.set()
+            if self._in_step and self._signals >= 2:
+                # Second signal during a step: abandon it safely (the staging directory is
+                # removed on the way out; the step is re-run on the next start).
+                raise SystemExit(0)
+
+        def on_hup(signum, frame):
+            self._reload.set()
+            self.inbox.wakeup.set()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; what can change at run time changes, the rest is refused."""
+        sdnotify.reloading()
+        try:
+            new = config.load(self.config_path) if self.config_path else self.settings
+        except MergewatchError as e:
+            self.log.error("reload_failed", error=str(e))
+            sdnotify.ready()
+            return
+        fixed = ("workspace", "base", "seed", "model", "policy")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
+        if changed:
+            self.log.error("reload_refused", keys=changed, reason="these settings need a restart with a new workspace")
+        else:
+            self.settings = new
+            self.inbox.quiet_seconds = new.watch.quiet_seconds
+            for pub in self.ws.publishers.values():
+                pub.keep = new.publish.keep
+            self.ws.settings = new
+            self.log.info("reloaded")
+        sdnotify.ready()
+
+    # Recovery -------------------------------------------------------------------------------
+    def recover(self) -> None:
+        report = self.ws.recover()
+        merged = self.ws.merged_ids()
+        for row in self.ledger.experts("merging"):
+            if row.id in merged:
+                step = merged.index(row.id) + 1
+                self.ledger.set_status(row.seq, "merged", step=step)
+                self.log.info("recovered_merged", expert_id=row.id, step=step)
+        self._refresh_gauges()
+        self.log.info("recovered", **{k: str(v) for k, v in report.items()})
+
+    # The loop --------------------------------------------------------------------------------
+    def _on_tensor(self, *_args) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()  # a long step is progress too
+
+    def tick(self) -> None:
+        self._on_tensor()
+        for drop in self.inbox.ready():
+            if not self.ledger.is_pending_source(drop.name):
+                meta, problem = read_sidecar(drop)
+                seq = self.ledger.add_drop(drop.name, drop.name, drop.fingerprint, meta)
+                self.log.info("queued", seq=seq, name=drop.name, sidecar_problem=problem)
+            self.inbox.forget(drop.name)
+        self.metrics.set_queue(self.ledger.queue_depth())
+        row = self.ledger.next_queued()
+        if row is None:
+            if self._retention_due.is_set():
+                self._retention_due.clear()
+                self.apply_retention()
+            self.inbox.wakeup.wait(self.idle_wait)
+            self.inbox.wakeup.clear()
+            return
+        try:
+            self.process(row)
+        except SystemExit:
+            raise
+        except Exception as e:  # never fatal: the expert is set aside with the reason, nothing lost
+            self._fail(row, e)
+
+    def _fail(self, row: ExpertRow, exc: Exception) -> None:
+        reason = f"internal error while merging: {type(exc).__name__}: {exc}"
+        self.log.exception("step_error", seq=row.seq, error=reason)
+        row = self.ledger.get(row.seq)
+        src = self.inbox.root / row.source
+        merged = self.ws.merged_ids()
+        if row.id and row.id in merged:
+            return  # committed: recovery on the next tick finishes it
+        try:
+            if src.exists() or src.is_symlink():
+                reject(src, reason, self.ws.root / "rejected", _sidecar(src))
+            elif row.id and self.ws.store.has(row.id):
+                reject(self.ws.store.path(row.id), reason, self.ws.root / "rejected")
+        except OSError as e2:
+            self.log.error("set_aside_failed", seq=row.seq, error=str(e2))
+        self.ledger.set_status(row.seq, "rejected", reason=reason[:500])
+        self.metrics.count_expert("rejected")
+
+    def process(self, row: ExpertRow) -> None:
+        log = self.log.bind(seq=row.seq, name=row.name)
+        src = self.inbox.root / row.source
+        if row.status == "queued":
+            reason = None
+            if src.is_symlink():
+                reason = f"symlinks are not accepted (points to {os.readlink(src)}): drop the file itself"
+            elif not src.exists():
+                self.ledger.set_status(row.seq, "rejected", reason="the drop disappeared from the inbox before it was claimed")
+                self.metrics.count_expert("rejected")
+                return
+            elif src.is_file() and not src.name.endswith(".safetensors"):
+                reason = "not a .safetensors file; " + _why_not_safetensors(src)
+            if reason is None:
+                try:
+                    _, report = self.ws.validate(src)
+                except (CheckpointError, IncompatibleExpertError, OSError) as e:
+                    reason = str(e)
+            if reason is not None:
+                self._reject(row, src, reason, log)
+                return
+            sha = report.content_sha256
+            step = self.ledger.merged_step_of(sha)
+            if step is not None or sha in self.ws.merged_ids():
+                step = step or self.ws.merged_ids().index(sha) + 1
+                dest = reject(src, f"duplicate: the same tensor content ({sha}) was merged at step {step}", self.ws.root / "rejected", _sidecar(src))
+                self.ledger.set_status(row.seq, "duplicate", id=sha, reason=f"duplicate of step {step}", step=step)
+                self.metrics.count_expert("duplicate")
+                log.info("duplicate", expert_id=sha, step=step, moved_to=str(dest))
+                return
+            self.ledger.set_status(row.seq, "merging", id=sha)
+            row = self.ledger.get(row.seq)
+        self._merge(row, src, log.bind(expert_id=row.id))
+
+    def _merge(self, row: ExpertRow, src: Path, log) -> None:
+        sha = row.id
+        merged = self.ws.merged_ids()
+        if sha in merged:  # committed before a crash: only the ledger is behind
+            step = merged.index(sha) + 1
+            self.ws.publish(step)
+            self.ledger.set_status(row.seq, "merged", step=step)
+            return
+        crash_point("before_claim")
+        if not self.ws.store.has(sha):
+            if not src.exists():
+                self.ledger.set_status(row.seq, "rejected", reason="lost: neither in the store nor in the inbox")
+                log.error("lost")
+                return
+            self.ws.store.claim(src, sha, move=True)
+        side = _sidecar(src)
+        if side is not None:
+            side.unlink()  # its content is in the ledger row (meta)
+        crash_point("after_claim")
+        step = len(merged) + 1
+        self.ledger.step_started(step, sha, row.seq)
+        log = log.bind(step=step)
+        log.info("merging")
+        sdnotify.status(f"merging step {step}: {row.name}")
+        self._in_step = True
+        t0 = time.monotonic()
+        try:
+            outcome = self.ws.step(sha, row.name)
+        except (CheckpointError, IncompatibleExpertError) as e:
+            self._in_step = False
+            self.ledger.set_status(row.seq, "rejected", reason=f"step failed: {e}")
+            self.metrics.count_expert("rejected")
+            log.error("step_failed", error=str(e))
+            return
+        finally:
+            self._in_step = False
+        crash_point("after_step")
+        seconds = time.monotonic() - t0
+        contents = {v: (self.ws.publishers[v].current_content_sha256()) for v in outcome.versions}
+        self.ledger.step_done(step, merge_seconds=seconds, versions=outcome.versions, contents=contents)
+        self.ledger.set_status(row.seq, "merged", step=step)
+        self.metrics.count_expert("merged")
+        self.metrics.observe_merge(outcome.merge_seconds)
+        self.metrics.observe_publish(outcome.publish_seconds)
+        self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))
+        self.metrics.mark_success()
+        self._refresh_gauges()
+        log.info("merged", versions=outcome.versions, seconds=round(seconds, 3))
+        sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
+
+    def _reject(self, row: ExpertRow, src: Path, reason: str, log) -> None:
+        dest = reject(src, reason, self.ws.root / "rejected", _sidecar(src))
+        self.ledger.set_status(row.seq, "rejected", reason=reason.splitlines()[0][:500])
+        self.metrics.count_expert("rejected")
+        log.warning("rejected", reason=reason.splitlines()[0][:500], moved_to=str(dest))
+
+    # Jobs -----------------------------------------------------------------------------------
+    def _rescan_job(self) -> None:
+        self.inbox.scan()
+
+    def _retention_job(self) -> None:
+        # Runs in a scheduler thread: only ask; the main loop (sole writer) applies it when idle.
+        self._retention_due.set()
+        self.inbox.wakeup.set()
+
+    def apply_retention(self) -> None:
+        keep = {r.id for r in self.ledger.experts("merging") if r.id}
+        self.ws.apply_retention(keep)
+
+    # Helpers --------------------------------------------------------------------------------
+    def _step(self) -> int:
+        return len(self.ws.merged_ids())
+
+    def _refresh_gauges(self) -> None:
+        self.metrics.set_step(self._step())
+        for view, pub in self.ws.publishers.items():
+            cur = pub.current()
+            if cur is not None:
+                versions = pub.versions()
+                self.metrics.set_version(view, cur, versions[-1] if versions else None)
+        self.metrics.set_queue(self.ledger.queue_depth())
+
+
+def _sidecar(src: Path) -> Path | None:
+    if src.is_dir():
+        return None
+    p = src.with_name(src.name.removesuffix(".safetensors") + ".json")
+    return p if p.is_file() else None
+
+
+def _why_not_safetensors(p: Path) -> str:
+    try:
+        LazyCheckpoint(p)
+    except CheckpointError as e:
+        return e.reason
+    return "rename it to .safetensors if it is one"
+
+
+def run(config_path: str | Path) -> int:
+    settings = config.load(config_path)
+    configure_logging()
+    d = Daemon(settings, config_path=Path(config_path))
+    return d.run()

@@ -1,0 +1,359 @@
+"""NuFILT: null-space filtering for data-free continual model merging (SPEC §3.2; Qiu et al., ICLR
+2026, "Null-space filtering for data-free continual model merging").
+
+State after step t: the merged model W^m_t (state set ``"merged"``, float32). The deployed model is
+W^m_t itself; the init view is θ0 (a DFCMM method: every expert is fine-tuned from the base).
+
+For expert t ≥ 2 and each *selected* layer (a ``linear`` weight, or one row block q, k, v of a
+``fused_linear``, whose name matches one of the ``select`` regexes), with τ = W_t − W0 and
+Δ = W^m_{t−1} − W0 (both d_out × d_in; operators act on the input side, τ·R):
+
+* U = the first r_p right singular vectors of Δ (d_in × k, k ≤ r_p), V1 = the first r_v right
+  singular vectors of τ, P = I − U Uᵀ (the projector onto the complement of Δ's principal input
+  subspace: the "null space" that filters τ).
+* LoRA factors in input space: B ∈ R^{d_in × r_l} = 0, A ∈ R^{r_l × d_in} ~ N(0, lora_std²).
+* Loss (SPEC §3.2)
+
+      L(B, A) = ‖τ V1 − (Δ + τ(P + BA)) V1‖²_F + ‖Δ U − (Δ + τ(P + BA)) U‖²_F,
+
+  the first term keeps the new expert's behaviour on its own principal input directions, the
+  second keeps the previous merge's behaviour on Δ's (it equals ‖τ B A U‖²_F since P U = 0).
+  Adam (lr, betas, eps 1e-8, no weight decay), ``steps`` full-batch steps.
+* Fuse: W^m_t = W^m_{t−1} + τ (P + B A). Biases and every other tensor are untouched.
+
+The paper optimises the sum of the per-layer losses with one Adam optimiser. The layers share no
+parameter and Adam's update is elementwise (each entry's moments depend only on its own gradient,
+and ∂(Σ_ℓ L_ℓ)/∂(B_ℓ, A_ℓ) = ∂L_ℓ/∂(B_ℓ, A_ℓ)), so one optimiser per layer gives the same iterates;
+that is what lets the engine stream the model one tensor at a time (``nufilt_layer``).
+
+Decisions and choices where the spec leaves room (tested in ``tests/test_nufilt.py``):
+
+* **t = 1** (SPEC Decision): P = I and no LoRA solve, W^m_1 = θ0 + τ_1 = θ_1 on the selected layers
+  (θ_1's values are copied, not recomputed as θ0 + (θ_1 − θ0), which would round).
+* **Other tensors** (everything not selected, including the second MLP matrix ``c_proj``/``fc2``,
+  biases, norms, embeddings): ``others = "base"`` (default, the reference behaviour) keeps θ0 and
+  stores nothing for them; ``others = "ta"`` keeps the running average of the experts,
+  W^m_t = ((t − 1)·W^m_{t−1} + θ_t) / t (W^m_1 = θ_1), i.e. θ0 + mean(τ_1..τ_t): the continual weight
+  average of SPEC §3.4 (task arithmetic with λ = 1/t), computed with exactly that formula in float32.
+* **SVDs** run in float64 on the float32 tensors. ``svd = "full"`` (default) is a thin LAPACK SVD;
+  ``svd = "randomized"`` is a seeded randomized range finder (Halko, Martinsson & Tropp 2011,
+  Alg. 4.4: Gaussian test matrix of k + max(10, k/2) columns, 6 QR-stabilised power iterations, then
+  the SVD of the small projected matrix), seeded from ``ctx.generator(layer, "nufilt-svd-…")``; it
+  falls back to the full SVD when the sketch would not be smaller than the matrix. Its subspace
+  matches the full SVD's to tolerance on matrices with a spectral gap after k (tested).
+* **Rank limits**: k = min(r_p, d_out, d_in) (the tiny test models have d_in = 32 < 128), and
+  singular vectors whose singular value is numerically zero (σ ≤ σ_1 · max(d_out, d_in) · ε_float32,
+  the usual matrix-rank tolerance for float32 data) are dropped: they are an arbitrary basis of
+  the null space (whatever LAPACK returns) and the result would depend on it. A zero Δ (a layer
+  no previous expert changed) therefore gives U = ∅, P = I and L = ‖τ B A V1‖²_F, which is
+  stationary at B = 0: the update is τ, as at t = 1. A zero τ gives V1 = ∅ and the update 0.
+* The loss is evaluated with the products reassociated for cost (constants τ V1 − Δ V1 − τ P V1
+  and −τ P U computed once, then (τ B)(A V1) and (τ B)(A U) per step): identical to the literal
+  form up to float rounding (``nufilt_loss`` is the literal form; tested).
+* LoRA init: A is drawn from ``ctx.generator(f"{name}#{block}", "nufilt-lora")`` (block 0 for a
+  plain ``linear``), i.e. seeded by (config seed, expert content hash, tensor name, block), so a
+  replay is bit-identical (torch CPU kernels are deterministic for a fixed thread count).
+* Everything except the SVDs runs in float32 (SPEC §0); the fused update τ(P + BA) is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from mergewatch.checkpoint.roles import Role
+from mergewatch.strategies.base import (
+    Pass,
+    PassOutput,
+    StepContext,
+    Strategy,
+    TensorInputs,
+    TensorMeta,
+    ViewSource,
+)
+from mergewatch.strategies.techniques import check_choice, is_finite_number
+
+#: attention q, k, v (open_clip's fused ``in_proj_weight``: each row block is its own layer), the
+#: attention output projection and the first MLP matrix; open_clip and HF CLIP names. Not the
+#: second MLP matrix (``c_proj`` / ``fc2``).
+DEFAULT_SELECT = [
+    r"(^|\.)attn\.in_proj_weight$",
+    r"(^|\.)attn\.out_proj\.weight$",
+    r"(^|\.)mlp\.c_fc\.weight$",
+    r"(^|\.)self_attn\.(q|k|v|out)_proj\.weight$",
+    r"(^|\.)mlp\.fc1\.weight$",
+]
+OTHERS = ("base", "ta")
+SVD_METHODS = ("full", "randomized")
+ADAM_EPS = 1e-8
+
+
+# Subspaces -----------------------------------------------------------------------------------
+def _numerical_rank_keep(s: torch.Tensor, shape: Sequence[int]) -> int:
+    """How many leading singular values are numerically non-zero (float32 data tolerance)."""
+    if s.numel() == 0 or not float(s[0]) > 0.0:
+        return 0
+    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return int((s > tol).sum())
+
+
+def top_right_singular_vectors(
+    x: torch.Tensor, k: int, method: str = "full", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The first (up to) ``k`` right singular vectors of ``x`` (m × n) as the columns of an
+    n × r float64 matrix, r = min(k, m, n, numerical rank) (module docstring).
+
+    ``method = "randomized"``: Gaussian sketch of l = k + max(10, k // 2) columns drawn from
+    ``generator``, 6 power iterations with QR re-orthonormalisation, SVD of the l × n projection.
+    When l ≥ min(m, n) the sketch saves nothing and the full SVD is used."""
+    x64 = x.detach().to(torch.float64)
+    m, n = x64.shape
+    k = min(int(k), m, n)
+    if k <= 0 or not bool((x64 != 0).any()):
+        return x64.new_zeros((n, 0))
+    l = k + max(10, k // 2)
+    if method == "full" or l >= min(m, n):
+        _, s, vh = torch.linalg.svd(x64, full_matrices=False)
+    elif method == "randomized":
+        if generator is None:
+            raise ValueError("nufilt: the randomized SVD needs a seeded generator")
+        omega = torch.randn((n, l), generator=generator, dtype=torch.float64)
+        q, _ = torch.linalg.qr(x64 @ omega)
+        for _ in range(6):
+            z, _ = torch.linalg.qr(x64.T @ q)
+            q, _ = torch.linalg.qr(x64 @ z)
+        _, s, vh = torch.linalg.svd(q.T @ x64, full_matrices=False)
+    else:
+        raise ValueError(f"nufilt: parameter 'svd' must be one of {list(SVD_METHODS)}, got {method!r}")
+    r = min(k, _numerical_rank_keep(s, (m, n)))
+    return vh[:r].T.contiguous()
+
+
+# One layer -----------------------------------------------------------------------------------
+def nufilt_loss(tau: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, v1: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The literal SPEC §3.2 loss ‖τV1 − (Δ + τ(P + BA))V1‖²_F + ‖ΔU − (Δ + τ(P + BA))U‖²_F with
+    P = I − UUᵀ, forming the d_out × d_in merged update explicitly (a reference for tests)."""
+    eye = torch.eye(tau.shape[1], dtype=tau.dtype)
+    p = eye - u @ u.T
+    merged = delta + tau @ (p + b @ a)
+    return ((tau @ v1 - merged @ v1) ** 2).sum() + ((delta @ u - merged @ u) ** 2).sum()
+
+
+class LayerLoss:
+    """The SPEC §3.2 loss of one layer as a function of (B, A), with the constant products hoisted:
+    c1 = τV1 − ΔV1 − τPV1 and c2 = ΔU − ΔU − τPU = −τPU (≈ 0 since PU = 0), so that
+
+        L(B, A) = ‖c1 − (τB)(AV1)‖²_F + ‖c2 − (τB)(AU)‖²_F,
+
+    the literal loss (``nufilt_loss``) with its products reassociated. Inputs are used in float32."""
+
+    def __init__(self, tau: torch.Tensor, delta: torch.Tensor, u: torch.Tensor, v1: torch.Tensor):
+        self.tau = tau.detach().to(torch.float32)
+        delta = delta.detach().to(torch.float32)
+        self.u = u.detach().to(torch.float32)
+        self.v1 = v1.detach().to(torch.float32)
+        self.tau_p = self.tau - (self.tau @ self.u) @ self.u.T  # τP, P = I − UUᵀ
+        self.c1 = self.tau @ self.v1 - delta @ self.v1 - self.tau_p @ self.v1
+        self.c2 = -(self.tau_p @ self.u)
+
+    def __call__(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        tb = self.tau @ b
+        return ((self.c1 - tb @ (a @ self.v1)) ** 2).sum()
+
+    def update(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """τ(P + BA) = τP + (τB)A."""
+        return self.tau_p + (self.tau @ b) @ a
+
+
+@dataclass
+class LayerResult:
+    update: torch.Tensor  # τ(P + BA), float32 d_out × d_in
+    losses: list[float]  # loss before each Adam step and after the last (steps + 1 values)
+    b: torch.Tensor
+    a: torch.Tensor
+
+
+def nufilt_layer(
+    tau: torch.Tensor,
+    delta: torch.Tensor,
+    u: torch.Tensor,
+    v1: torch.Tensor,
+    a0: torch.Tensor,
+    *,
+    lr: float = 1e-3,
+    steps: int = 50,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> LayerResult:
+    """Solve one selected layer (SPEC §3.2): B = 0 (d_in × r_l), A = ``a0`` (r_l × d_in), Adam
+    (eps 1e-8, no weight decay) on ``LayerLoss`` for ``steps`` full-batch steps; returns τ(P + BA)
+    and the loss history. ``u`` (d_in × k) and ``v1`` (d_in × r) have orthonormal columns."""
+    loss_fn = LayerLoss(tau, delta, u, v1)
+    with torch.enable_grad():
+        b = torch.zeros((loss_fn.tau.shape[1], a0.shape[0]), dtype=torch.float32, requires_grad=True)
+        a = a0.detach().to(torch.float32).clone().requires_grad_(True)
+        opt = torch.optim.Adam([b, a], lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0, foreach=False)
+        losses: list[float] = []
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(b, a)
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        losses.append(float(loss_fn(b, a)))
+        update = loss_fn.update(b, a)
+    return LayerResult(update.detach(), losses, b.detach(), a.detach())
+
+
+# The strategy --------------------------------------------------------------------------------
+def _check_int(owner: str, key: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{owner}: parameter '{key}' must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _check_positive(owner: str, key: str, v: Any) -> float:
+    if not is_finite_number(v) or not float(v) > 0.0:
+        raise ValueError(f"{owner}: parameter '{key}' must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def check_betas(owner: str, v: Any) -> list[float]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2 or not all(is_finite_number(x) and 0.0 <= float(x) < 1.0 for x in v):
+        raise ValueError(f"{owner}: parameter 'betas' must be two numbers in [0, 1), got {v!r}")
+    return [float(x) for x in v]
+
+
+class NuFILT(Strategy):
+    """Null-space filtering continual merging (Qiu et al., ICLR 2026), SPEC §3.2; the equations and
+    Decisions are in the module docstring.
+
+    Hyper-parameters (defaults are the paper's global setting): ``r_p`` = 128 (rank of Δ's protected
+    input subspace U), ``r_l`` = 64 (LoRA rank), ``r_v`` = 8 (rank of τ's principal subspace V1),
+    ``lr`` = 1e-3, ``steps`` = 50, ``betas`` = [0.9, 0.999], ``lora_std`` = 0.02 (A's init std),
+    ``select`` (regexes of the selected linear layers, ``re.search``), ``others`` = ``base`` | ``ta``,
+    ``svd`` = ``full`` | ``randomized``."""
+
+    name = "nufilt"
+    paper = "Qiu et al., ICLR 2026, 'Null-space filtering for data-free continual model merging' (NuFILT)"
+    requires_zs_init = True
+    defaults: ClassVar[dict[str, Any]] = {
+        "r_p": 128,
+        "r_l": 64,
+        "r_v": 8,
+        "lr": 1e-3,
+        "steps": 50,
+        "betas": [0.9, 0.999],
+        "lora_std": 0.02,
+        "select": list(DEFAULT_SELECT),
+        "others": "base",
+        "svd": "full",
+    }
+
+    def __init__(self, params: Mapping[str, Any]):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
+        p = {**{k: (list(v) if isinstance(v, list) else v) for k, v in self.defaults.items()}, **params}
+        p["r_p"] = _check_int(self.name, "r_p", p["r_p"], 1)
+        p["r_l"] = _check_int(self.name, "r_l", p["r_l"], 1)
+        p["r_v"] = _check_int(self.name, "r_v", p["r_v"], 1)
+        p["steps"] = _check_int(self.name, "steps", p["steps"], 0)
+        p["lr"] = _check_positive(self.name, "lr", p["lr"])
+        p["lora_std"] = _check_positive(self.name, "lora_std", p["lora_std"])
+        p["betas"] = check_betas(self.name, p["betas"])
+        check_choice(self.name, "others", p["others"], OTHERS)
+        check_choice(self.name, "svd", p["svd"], SVD_METHODS)
+        sel = p["select"]
+        if isinstance(sel, (str, bytes)) or not isinstance(sel, Sequence) or not sel or not all(isinstance(s, str) for s in sel):
+            raise ValueError(f"{self.name}: parameter 'select' must be a non-empty list of regular expressions, got {sel!r}")
+        patterns = []
+        for s in sel:
+            try:
+                patterns.append(re.compile(s))
+            except re.error as e:
+                raise ValueError(f"{self.name}: parameter 'select' has an invalid regular expression {s!r}: {e}") from e
+        p["select"] = list(sel)
+        super().__init__(p)
+        self.patterns = patterns
+        self.others = p["others"]
+
+    # Declarations ------------------------------------------------------------------------------
+    def selected(self, meta: TensorMeta) -> bool:
+        """A ``linear``/``fused_linear`` tensor whose name matches a ``select`` pattern."""
+        return meta.role.matrix and any(pat.search(meta.name) for pat in self.patterns)
+
+    def state_sets(self, t: int) -> tuple[str, ...]:
+        return ("merged",)
+
+    def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
+        if sink == "merged":
+            # with others = "base" the unselected tensors are θ0 by definition: not stored
+            keep = meta.role.mergeable and (self.selected(meta) or self.others == "ta")
+            return meta.shape if keep else None
+        return meta.shape
+
+    def view_sources(self, ctx: StepContext) -> dict[str, str]:
+        return {"deploy": "deploy", "init": ViewSource.BASE}
+
+    def next_meta(self, ctx: StepContext) -> dict:
+        return {"t": ctx.t}
+
+    def passes(self, ctx: StepContext) -> list[Pass]:
+        return [
+            Pass(
+                name="merge",
+                tensor_fn=self._merge,
+                writes=("deploy", "merged"),
+                reduce_fn=_loss_totals,
+                reads=frozenset({"state"}) if ctx.t > 1 else frozenset(),
+                label="nufilt",
+            )
+        ]
+
+    # The merge ---------------------------------------------------------------------------------
+    def merge_layer(self, tau: torch.Tensor, delta: torch.Tensor, generator_for) -> LayerResult:
+        """τ(P + BA) for one layer (one row block); ``generator_for(purpose)`` gives the seeded
+        generators for the LoRA init and the randomized SVDs."""
+        prm = self.params
+        svd = prm["svd"]
+        u = top_right_singular_vectors(delta, prm["r_p"], svd, generator_for("nufilt-svd-delta") if svd == "randomized" else None)
+        v1 = top_right_singular_vectors(tau, prm["r_v"], svd, generator_for("nufilt-svd-tau") if svd == "randomized" else None)
+        a0 = torch.randn((prm["r_l"], tau.shape[1]), generator=generator_for("nufilt-lora"), dtype=torch.float32) * prm["lora_std"]
+        return nufilt_layer(tau, delta, u, v1, a0, lr=prm["lr"], steps=prm["steps"], betas=tuple(prm["betas"]))
+
+    def _merge(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
+        t = ctx.t
+        if self.selected(meta):
+            if t == 1:
+                merged = inp.expert.clone()
+                return PassOutput(tensors={"deploy": merged, "merged": merged})
+            prev = inp.state["merged"]
+            tau = inp.expert - inp.base
+            delta = prev - inp.base
+            nb = meta.role.blocks if meta.role.role is Role.FUSED_LINEAR else 1
+            updates = []
+            first = last = 0.0
+            for j, (tau_j, delta_j) in enumerate(zip(tau.chunk(nb, dim=0), delta.chunk(nb, dim=0))):
+                layer = f"{meta.name}#{j}"
+                res = self.merge_layer(tau_j, delta_j, lambda purpose, _l=layer: ctx.generator(_l, purpose))
+                updates.append(res.update)
+                first += res.losses[0]
+                last += res.losses[-1]
+            merged = prev + torch.cat(updates, dim=0)
+            stats = {"loss_first": torch.tensor(first, dtype=torch.float64), "loss_last": torch.tensor(last, dtype=torch.float64)}
+            return PassOutput(tensors={"deploy": merged, "merged": merged}, stats=stats)
+        if self.others == "ta":
+            merged = inp.expert.clone() if t == 1 else ((t - 1) * inp.state["merged"] + inp.expert) / t
+            return PassOutput(tensors={"deploy": merged, "merged": merged})
+        return PassOutput(tensors={"deploy": inp.base})
+
+
+def _loss_totals(totals: dict[str, torch.Tensor], ctx: StepContext) -> dict:
+    """Summed first/last NuFILT losses over the selected layers (progress/metrics only)."""
+    return {f"nufilt_{k}": float(v) for k, v in totals.items() if math.isfinite(float(v))}

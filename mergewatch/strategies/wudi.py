@@ -1,0 +1,253 @@
+"""WUDI-Merging (SPEC §3.3; Cheng et al., ICML 2025, "Whoever started the interference should end
+it: guiding data-free model merging via task vectors").
+
+Per linear map (every ``linear`` weight; each row block q, k, v of a ``fused_linear`` separately)
+the merged task vector τ_m minimises the interference of the merge with each task's own inputs,
+approximated by the rows of its task vector (the paper's Eq. for L(τ_m)):
+
+    L(τ_m) = Σ_i ‖(τ_m − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F.
+
+With G_i = τ_iᵀ τ_i / ‖τ_i‖²_F (d_in × d_in, PSD), L(τ_m) = Σ_i tr((τ_m − τ_i) G_i (τ_m − τ_i)ᵀ), a
+convex quadratic with gradient ∇L = 2 (τ_m A − B), A = Σ_i G_i, B = Σ_i τ_i G_i; its minimisers solve
+τ_m A = B, the minimum-norm one is τ_m* = B A⁺. Every other tensor (``other`` role: biases, norms,
+embeddings, projections used as x @ proj) takes the mean of the τ_i. The deployed model is θ0 + τ_m;
+the init view is θ0 (a DFCMM method).
+
+Two solvers (``solver``):
+
+* ``"adam"`` (default): the reference continual form used as the NuFILT paper's baseline. t = 1:
+  M_1 = τ_1. t ≥ 2: WUDI on the *pair* {M_{t−1}, τ_t}, starting from M_{t−1} + τ_t, Adam (lr 1e-5,
+  betas 0.9/0.999, eps 1e-8, no weight decay) for 50 full-batch steps in float32 (``wudi_adam``);
+  ``other`` tensors M_t = (M_{t−1} + τ_t)/2 (so older experts' weight halves at every step, as in the
+  reference: it is not the mean over all experts). State: ``"merged"`` = M_t (float32).
+* ``"exact"``: the closed form, continual over *all* experts so far. State per linear map: the
+  sufficient statistics A_t = A_{t−1} + G_t (set ``"A"``) and B_t = B_{t−1} + τ_t G_t (set ``"B"``),
+  updated in O(d_out d_in²) per expert; a ``fused_linear`` stores its per-block statistics stacked
+  by rows: A as (blocks·d_in) × d_in, B in the tensor's own shape. ``other`` tensors keep the running
+  mean m_t = ((t − 1)·m_{t−1} + τ_t)/t (set ``"mean"``). τ_m = B_t A_t⁺ is recomputed every step.
+
+Choices where the spec leaves room (tested in ``tests/test_wudi.py``):
+
+* **Pseudo-inverse** (``wudi_solve``): float64 eigendecomposition of the symmetrised A; eigenvalues
+  ≤ ``rcond`` · λ_max are treated as zero (default rcond = 1e-5). The statistics are stored as
+  float32 state sets (DESIGN: a resumed run is then bit-identical), which perturbs A by ~1e-7 λ_max:
+  the default keeps 1/λ well away from amplifying that rounding. Dropped directions v have
+  B v ≈ 0 too (vᵀ A v = Σ vᵀ G_i v small ⇒ every G_i v small), so the gradient at the solution is
+  ≈ 0 and exactly 0 in the exact null space of A (the directions no τ_i uses, where the sum of the
+  τ_i that the Adam form starts from is 0 as well).
+* A zero task vector (‖τ_i‖ = 0) contributes nothing (G_i = 0) instead of 0/0.
+* A step's statistics are accumulated in float64 (A_{t−1} as read from the float32 state plus
+  G_t) and solved before being rounded to float32 for storage, so a resumed run reads exactly
+  what an uninterrupted one used.
+* ``linear`` tensors must be 2-D; anything else with that role is a role-table error (raised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from mergewatch.checkpoint.roles import Role, TensorRole
+from mergewatch.strategies.base import (
+    Pass,
+    PassOutput,
+    StepContext,
+    Strategy,
+    TensorInputs,
+    TensorMeta,
+    ViewSource,
+)
+from mergewatch.strategies.techniques import check_choice, is_finite_number, per_block
+
+SOLVERS = ("adam", "exact")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+# The objective and its solvers -----------------------------------------------------------------
+def wudi_loss(x: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L(x) = Σ_i ‖(x − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F (zero τ_i skipped), in x's dtype."""
+    total = x.new_zeros(())
+    for tau in taus:
+        n2 = (tau * tau).sum()
+        if not float(n2) > 0.0:
+            continue
+        total = total + (((x - tau) @ tau.T) ** 2).sum() / n2
+    return total
+
+
+def wudi_adam(
+    taus: Sequence[torch.Tensor], init: torch.Tensor, *, lr: float = 1e-5, steps: int = 50, betas: tuple[float, float] = ADAM_BETAS
+) -> torch.Tensor:
+    """Minimise ``wudi_loss`` from ``init`` with Adam (eps 1e-8, no weight decay) for ``steps``
+    full-batch steps, in float32: the reference solver. Returns the detached float32 result."""
+    taus32 = [t.detach().to(torch.float32) for t in taus]
+    with torch.enable_grad():
+        x = init.detach().to(torch.float32).clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0, foreach=False)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            wudi_loss(x, taus32).backward()
+            opt.step()
+    return x.detach()
+
+
+def gram_stats(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, τ G) in float64 with G = τᵀτ / ‖τ‖²_F (both zero for a zero τ)."""
+    t64 = tau.detach().to(torch.float64)
+    n2 = float((t64 * t64).sum())
+    if not n2 > 0.0:
+        d_in = t64.shape[1]
+        return t64.new_zeros((d_in, d_in)), torch.zeros_like(t64)
+    g = (t64.T @ t64) / n2
+    return g, t64 @ g
+
+
+def wudi_solve(a: torch.Tensor, b: torch.Tensor, rcond: float = 1e-5) -> torch.Tensor:
+    """τ_m = B A⁺ (float64): eigh of the symmetrised A, eigenvalues ≤ rcond·λ_max dropped."""
+    a64 = a.detach().to(torch.float64)
+    a64 = (a64 + a64.T) / 2
+    b64 = b.detach().to(torch.float64)
+    evals, evecs = torch.linalg.eigh(a64)
+    lmax = float(evals.max()) if evals.numel() else 0.0
+    if not lmax > 0.0:
+        return torch.zeros_like(b64)
+    keep = evals > rcond * lmax
+    v = evecs[:, keep]
+    return ((b64 @ v) / evals[keep]) @ v.T
+
+
+def wudi_exact(taus: Sequence[torch.Tensor], rcond: float = 1e-5) -> torch.Tensor:
+    """The batch closed form τ_m* = (Σ τ_i G_i)(Σ G_i)⁺ over ``taus`` (float64)."""
+    a = b = None
+    for tau in taus:
+        g, tg = gram_stats(tau)
+        a = g if a is None else a + g
+        b = tg if b is None else b + tg
+    return wudi_solve(a, b, rcond)
+
+
+def _require_2d(role: TensorRole, x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"wudi: a '{role.role.value}' tensor must be 2-D (out × in), got shape {tuple(x.shape)}; fix the role table")
+
+
+def _blocks(role: TensorRole) -> int:
+    return role.blocks if role.role is Role.FUSED_LINEAR else 1
+
+
+# The strategy --------------------------------------------------------------------------------
+class WUDI(Strategy):
+    """WUDI-Merging (Cheng et al., ICML 2025), SPEC §3.3; equations and Decisions in the module
+    docstring. Hyper-parameters: ``solver`` = ``adam`` (reference paired continual form, default) |
+    ``exact`` (closed form over all experts); ``lr`` = 1e-5 and ``steps`` = 50 (Adam);
+    ``rcond`` = 1e-5 (pseudo-inverse tolerance of the exact solver, relative to λ_max(A))."""
+
+    name = "wudi"
+    paper = "Cheng et al., ICML 2025, 'Whoever started the interference should end it: guiding data-free model merging via task vectors' (WUDI-Merging)"
+    requires_zs_init = True
+    defaults: ClassVar[dict[str, Any]] = {"solver": "adam", "lr": 1e-5, "steps": 50, "rcond": 1e-5}
+
+    def __init__(self, params: Mapping[str, Any]):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
+        p = {**self.defaults, **params}
+        check_choice(self.name, "solver", p["solver"], SOLVERS)
+        if not is_finite_number(p["lr"]) or not float(p["lr"]) > 0.0:
+            raise ValueError(f"{self.name}: parameter 'lr' must be a finite number > 0, got {p['lr']!r}")
+        steps = p["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{self.name}: parameter 'steps' must be an integer >= 0, got {steps!r}")
+        if not is_finite_number(p["rcond"]) or not 0.0 < float(p["rcond"]) < 1.0:
+            raise ValueError(f"{self.name}: parameter 'rcond' must be a number in (0, 1), got {p['rcond']!r}")
+        p["lr"], p["rcond"] = float(p["lr"]), float(p["rcond"])
+        super().__init__(p)
+        self.solver = p["solver"]
+
+    # Declarations ------------------------------------------------------------------------------
+    def state_sets(self, t: int) -> tuple[str, ...]:
+        return ("merged",) if self.solver == "adam" else ("A", "B", "mean")
+
+    def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
+        if sink in ("deploy", "init"):
+            return meta.shape
+        if not meta.role.mergeable:
+            return None
+        matrix = meta.role.matrix
+        if sink == "merged":
+            return meta.shape
+        if sink == "A":
+            return (_blocks(meta.role) * meta.shape[1], meta.shape[1]) if matrix and len(meta.shape) == 2 else None
+        if sink == "B":
+            return meta.shape if matrix else None
+        if sink == "mean":
+            return None if matrix else meta.shape
+        return meta.shape
+
+    def view_sources(self, ctx: StepContext) -> dict[str, str]:
+        return {"deploy": "deploy", "init": ViewSource.BASE}
+
+    def next_meta(self, ctx: StepContext) -> dict:
+        return {"t": ctx.t}
+
+    def passes(self, ctx: StepContext) -> list[Pass]:
+        fn = self._adam if self.solver == "adam" else self._exact
+        return [
+            Pass(
+                name="merge",
+                tensor_fn=fn,
+                writes=("deploy", *self.state_sets(ctx.t)),
+                reads=frozenset({"state"}) if ctx.t > 1 else frozenset(),
+                label=f"wudi {self.solver}",
+            )
+        ]
+
+    # Solvers -----------------------------------------------------------------------------------
+    def _adam(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
+        tau = inp.expert - inp.base
+        if ctx.t == 1:
+            m = tau
+        elif meta.role.matrix:
+            _require_2d(meta.role, tau)
+            prm = self.params
+
+            def pair(m_prev: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+                return wudi_adam([m_prev, tau_t], m_prev + tau_t, lr=prm["lr"], steps=prm["steps"])
+
+            m = per_block(meta.role, pair, inp.state["merged"], tau)
+        else:
+            m = (inp.state["merged"] + tau) / 2
+        return PassOutput(tensors={"deploy": inp.base + m, "merged": m})
+
+    def _exact(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
+        t = ctx.t
+        tau = inp.expert - inp.base
+        if not meta.role.matrix:
+            mean = tau if t == 1 else ((t - 1) * inp.state["mean"] + tau) / t
+            return PassOutput(tensors={"deploy": inp.base + mean, "mean": mean})
+        _require_2d(meta.role, tau)
+        nb = _blocks(meta.role)
+        d_in = tau.shape[1]
+        a_prev = inp.state["A"].chunk(nb, dim=0) if t > 1 else [None] * nb
+        b_prev = inp.state["B"].chunk(nb, dim=0) if t > 1 else [None] * nb
+        a_out, b_out, m_out = [], [], []
+        for tau_j, a_j, b_j in zip(tau.chunk(nb, dim=0), a_prev, b_prev):
+            g, tg = gram_stats(tau_j)
+            a_new = g if a_j is None else a_j.to(torch.float64) + g
+            b_new = tg if b_j is None else b_j.to(torch.float64) + tg
+            a_out.append(a_new)
+            b_out.append(b_new)
+            m_out.append(wudi_solve(a_new, b_new, self.params["rcond"]))
+        a_cat = torch.cat(a_out, dim=0)
+        assert a_cat.shape == (nb * d_in, d_in)
+        m = torch.cat(m_out, dim=0).to(torch.float32)
+        return PassOutput(
+            tensors={
+                "deploy": inp.base + m,
+                "A": a_cat.to(torch.float32),
+                "B": torch.cat(b_out, dim=0).to(torch.float32),
+            }
+        )

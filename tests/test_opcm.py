@@ -1,0 +1,284 @@
+"""OPCM (SPEC §3.1): the projection on small matrices, the rank rule, fused blocks, the norm identity
+‖M_t‖ = mean‖τ_i‖ on a real stream, first step, resume, and config validation."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergewatch import config
+from mergewatch.checkpoint.roles import Role, TensorRole
+from mergewatch.checkpoint.writer import write_safetensors_file
+from mergewatch.errors import ConfigError
+from mergewatch.strategies import METHODS, build_strategy
+from mergewatch.strategies.opcm import OPCM, opcm_update, project_update, projection_rank
+from mergewatch.workspace import Workspace
+from tests.helpers import load_all, make_expert, make_open_clip_base, perturb
+
+LINEAR = TensorRole(Role.LINEAR)
+FUSED = TensorRole(Role.FUSED_LINEAR, blocks=3)
+OTHER = TensorRole(Role.OTHER)
+
+
+def decaying(d_out: int, d_in: int, seed: int, decay: float = 0.6) -> torch.Tensor:
+    """A random d_out × d_in matrix with geometrically decaying singular values (so that α = 0.5
+    protects a rank r > 1 and the top-left block is not just the first diagonal entry)."""
+    g = torch.Generator().manual_seed(seed)
+    p = min(d_out, d_in)
+    u, _ = torch.linalg.qr(torch.randn(d_out, p, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d_in, p, generator=g, dtype=torch.float64))
+    s = torch.tensor([decay**k for k in range(p)], dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+def rand(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# The per-tensor projection ---------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11)])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 0.95])
+def test_projected_update_has_zero_diagonal_and_top_left_block(shape, alpha):
+    delta = decaying(*shape, seed=1).float()
+    tau = rand(shape, 2)
+    out = project_update(tau, delta, alpha)
+    assert out.dtype == torch.float32 and out.shape == tau.shape
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = projection_rank(s, alpha)
+    if alpha >= 0.8:
+        assert r >= 2  # the block is a real block, not just the (1, 1) diagonal entry
+    q_new = u.T @ out.double() @ vh.T
+    q_old = u.T @ tau.double() @ vh.T
+    p = min(shape)
+    assert torch.diagonal(q_new).abs().max() < 1e-5
+    assert r == 0 or q_new[:r, :r].abs().max() < 1e-5
+    # everything else of Q is untouched ...
+    keep = torch.ones(p, p, dtype=torch.bool)
+    keep[:r, :r] = False
+    keep.fill_diagonal_(False)
+    torch.testing.assert_close(q_new[keep], q_old[keep], atol=1e-5, rtol=0)
+    # ... and so is the part of τ outside span(U) ⊗ span(V) (thin SVD of a non-square Δ)
+    outside = tau.double() - u @ q_old @ vh
+    torch.testing.assert_close(out.double() - u @ q_new @ vh, outside, atol=1e-5, rtol=0)
+    # the update really changed something (the test can fail)
+    assert (out - tau).abs().max() > 1e-3
+
+
+def test_rank_rule():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # c = 0.4, 0.7, 0.9, 1.0
+    assert [projection_rank(s, a) for a in (0.0, 0.39, 0.4, 0.5, 0.7, 0.89, 0.9, 0.99)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert projection_rank(torch.zeros(4), 0.5) == 0  # zero Δ: 0/0 is no rank
+    assert projection_rank(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.5) == 2  # c_2 = 0.5 ≤ α counts
+
+
+def test_rank_zero_fallbacks():
+    tau = rand((5, 7), 3)
+    # zero Δ: no singular directions to protect, the update passes unchanged (module Decision)
+    assert torch.equal(project_update(tau, torch.zeros(5, 7), 0.5), tau)
+    # α below c_1: r = 0, only the diagonal of Q is removed
+    delta = decaying(5, 7, seed=4, decay=0.2).float()  # c_1 ≈ 0.8
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    assert projection_rank(s, 0.5) == 0
+    q = u.T @ tau.double() @ vh.T
+    want = tau.double() - u @ torch.diag(torch.diagonal(q)) @ vh
+    torch.testing.assert_close(project_update(tau, delta, 0.5).double(), want, atol=1e-6, rtol=0)
+    # ... which is not the same as keeping the top-left block too (α high enough for r ≥ 2)
+    assert not torch.allclose(project_update(tau, delta, 0.99), project_update(tau, delta, 0.5), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11)])
+def test_thin_svd_equals_full_svd_formulation(shape):
+    delta = decaying(*shape, seed=5).float()
+    tau = rand(shape, 6)
+    alpha = 0.6
+    # full SVD: U is d_out × d_out, V is d_in × d_in; Q = Uᵀ τ V is d_out × d_in and R keeps the
+    # diagonal of its leading p × p part and the top-left r × r block.
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=True)
+    p = min(shape)
+    r = projection_rank(s[:p], alpha)
+    assert r >= 1
+    q = u.T @ tau.double() @ vh.T
+    rmat = torch.zeros_like(q)
+    idx = torch.arange(p)
+    rmat[idx, idx] = q[idx, idx]
+    rmat[:r, :r] = q[:r, :r]
+    want = tau.double() - u @ rmat @ vh
+    torch.testing.assert_close(project_update(tau, delta, alpha).double(), want, atol=1e-6, rtol=0)
+
+
+def test_fused_blocks_are_projected_separately():
+    blocks = [decaying(8, 8, seed=10 + i, decay=0.5 + 0.1 * i).float() for i in range(3)]
+    delta = torch.cat(blocks)
+    tau = rand((24, 8), 7)
+    got = opcm_update(FUSED, tau, delta, 0.5)
+    want = torch.cat([project_update(t, d, 0.5) for t, d in zip(tau.chunk(3), blocks)])
+    assert torch.equal(got, want)
+    # one SVD of the stacked matrix is a different (wrong) answer
+    assert not torch.allclose(got, project_update(tau, delta, 0.5), atol=1e-4)
+    # linear: the whole matrix; other: no projection
+    assert torch.equal(opcm_update(LINEAR, tau, delta, 0.5), project_update(tau, delta, 0.5))
+    assert torch.equal(opcm_update(OTHER, tau, delta, 0.5), tau)
+    with pytest.raises(ValueError, match="2-D"):
+        opcm_update(LINEAR, torch.zeros(2, 2, 2), torch.ones(2, 2, 2), 0.5)
+
+
+# Config ------------------------------------------------------------------------------------------
+def _parse(policy: str):
+    return config.parse(tomllib.loads(f'workspace = "ws"\nbase = "b.safetensors"\n[policy]\n{policy}\n'), source=Path("/tmp/x/mw.toml"))
+
+
+@pytest.mark.parametrize(
+    "policy,key",
+    [
+        ("deploy = 'opcm'\n[policy.opcm]\nalpha = 1.0", "policy.opcm.alpha"),
+        ("deploy = 'opcm'\n[policy.opcm]\nalpha = 1.5", "policy.opcm.alpha"),
+        ("deploy = 'opcm'\nalpha = 1", "policy.opcm.alpha"),
+        ("deploy = 'opcm'\nalpha = -0.1", "policy.opcm.alpha"),
+        ("deploy = 'opcm'\nalpha = 'half'", "policy.alpha"),
+        ("deploy = 'opcm'\nbeta = 0.5", "policy.beta"),
+        ("deploy = 'opcm'\ninit = 'ema'", "policy.init"),
+    ],
+)
+def test_bad_opcm_config_names_the_key(policy, key):
+    with pytest.raises(ConfigError) as ei:
+        _parse(policy)
+    assert ei.value.key in (key, key.replace("policy.opcm.", "policy.")), str(ei.value)
+
+
+def test_opcm_config_and_registry():
+    assert METHODS["opcm"] is OPCM and OPCM.defaults == {"alpha": 0.5} and OPCM.requires_zs_init
+    s = _parse("deploy = 'opcm'")
+    assert build_strategy(s.policy).describe()["alpha"] == 0.5
+    assert build_strategy(_parse("deploy = 'opcm'\n[policy.opcm]\nalpha = 0").policy).alpha == 0.0
+    with pytest.raises(ValueError, match="'alpha'"):
+        OPCM({"alpha": 1.0})
+
+
+# A real stream ------------------------------------------------------------------------------------
+SCALES = (0.01, 0.03, 0.02, 0.05, 0.015)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    d = tmp_path_factory.mktemp("opcm")
+    base = make_open_clip_base(d / "base.safetensors")
+    experts = [make_expert(base, d / f"e{i}.safetensors", seed=200 + i, scale=s) for i, s in enumerate(SCALES, 1)]
+    return d, base, experts
+
+
+def _workspace(tmp: Path, base: Path, policy: str = 'deploy = "opcm"') -> Workspace:
+    tmp.mkdir(parents=True, exist_ok=True)
+    if not (tmp / "base.safetensors").exists():
+        (tmp / "base.safetensors").symlink_to(base)
+    p = tmp / "mw.toml"
+    p.write_text(f'workspace = "ws"\nbase = "base.safetensors"\nseed = 7\n[policy]\n{policy}\n', "utf-8")
+    return Workspace(config.load(p))
+
+
+def _norm(d: dict, names) -> float:
+    return math.sqrt(sum(float((d[n].double() ** 2).sum()) for n in names))
+
+
+def test_norm_of_merged_task_vector_is_mean_task_vector_norm(tmp_path, stream):
+    _, base, experts = stream
+    ws = _workspace(tmp_path, base)
+    names = [m.name for m in ws.model_info.mergeable]
+    b = {k: v.double() for k, v in load_all(base).items()}
+    norms = []
+    for t, path in enumerate(experts[:4], 1):
+        res = ws.merge(path)
+        assert res.status == "merged" and res.step == t
+        e = load_all(path)
+        norms.append(_norm({n: e[n].double() - b[n] for n in names}, names))
+        dep = load_all(ws.publishers["deploy"].path(ws.publishers["deploy"].current()))
+        m_norm = _norm({n: dep[n].double() - b[n] for n in names}, names)
+        mean = sum(norms) / t
+        assert m_norm == pytest.approx(mean, rel=1e-5)
+        assert abs(m_norm - norms[-1]) > 1e-3 * mean or t == 1  # the experts' norms differ: not trivial
+        snap = ws.states.latest()
+        meta = snap.meta
+        assert meta["t"] == t and meta["sum_norms"] == pytest.approx(sum(norms), rel=1e-6)
+        s_norm = _norm(load_all(snap.directory / "sets" / "S"), names)
+        assert meta["lambda"] == pytest.approx(s_norm / mean, rel=1e-6)
+        if t > 1:
+            assert meta["lambda"] > 1.0  # projected updates add up to more than the mean norm
+        # init zs: the published init view is the base itself
+        assert snap.record["views"]["init"] == {"source": "base"}
+
+
+def test_first_step_is_the_first_expert_bit_for_bit(tmp_path, stream):
+    _, base, _ = stream
+    # tiny values where θ0 is 1 (LayerNorm weights): θ0 + (θ1 − θ0) rounds to 0 there, not to θ1
+    b = load_all(base)
+    want = perturb(b, seed=5)
+    want["ln_final.weight"][:4] = 1e-9
+    expert = tmp_path / "e.safetensors"
+    write_safetensors_file(expert, want)
+    assert any(not torch.equal(b[k] + (want[k] - b[k]), want[k]) for k in want)
+    ws = _workspace(tmp_path, base)
+    ws.merge(expert)
+    got = load_all(ws.publishers["deploy"].path(1))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert ws.states.latest().meta["lambda"] == 1.0
+
+
+def test_stream_matches_naive_whole_model_computation(tmp_path, stream):
+    """S_t, λ_t and the deploy view against a direct whole-state-dict evaluation of SPEC §3.1."""
+    _, base, experts = stream
+    ws = _workspace(tmp_path, base, 'deploy = "opcm"\nalpha = 0.7')
+    metas = {m.name: m for m in ws.model_info.mergeable}
+    b = load_all(base)
+    s_prev = None
+    norms = []
+    for t, path in enumerate(experts[:3], 1):
+        ws.merge(path)
+        e = load_all(path)
+        tau = {n: e[n] - b[n] for n in metas}
+        norms.append(_norm(tau, metas))
+        if s_prev is None:
+            s_new = tau
+        else:
+            s_new = {n: s_prev[n] + opcm_update(metas[n].role, tau[n], s_prev[n], 0.7) for n in metas}
+        lam = _norm(s_new, metas) / (sum(norms) / t) if t > 1 else 1.0
+        dep = load_all(ws.publishers["deploy"].path(t))
+        state = load_all(ws.states.latest().directory / "sets" / "S")
+        for n in metas:
+            assert torch.equal(state[n], s_new[n]), n
+            want = e[n] if t == 1 else b[n] + s_new[n] / lam
+            torch.testing.assert_close(dep[n], want, atol=1e-6, rtol=1e-6, msg=n)
+        s_prev = s_new
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_resume_after_step_k_is_bit_identical(tmp_path, stream, k):
+    _, base, experts = stream
+    ws = _workspace(tmp_path / "straight", base)
+    for p in experts:
+        ws.merge(p)
+    want = {t: _digest(ws.publishers["deploy"].path(t)) for t in ws.publishers["deploy"].versions()}
+    want_meta = ws.states.latest().meta
+    ws2 = _workspace(tmp_path / "resumed", base)
+    for p in experts[:k]:
+        ws2.merge(p)
+    del ws2
+    ws2 = _workspace(tmp_path / "resumed", base)  # a new Workspace object: state read from disk
+    ws2.recover()
+    for p in experts[k:]:
+        ws2.merge(p)
+    got = {t: _digest(ws2.publishers["deploy"].path(t)) for t in ws2.publishers["deploy"].versions()}
+    assert got == want and len(want) >= 3
+    assert ws2.states.latest().meta == want_meta
+    s1 = _digest(ws.states.latest().directory / "sets" / "S")
+    s2 = _digest(ws2.states.latest().directory / "sets" / "S")
+    assert s1 == s2
+    shutil.rmtree(tmp_path / "straight")
