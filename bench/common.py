@@ -372,16 +372,21 @@ class Meter:
         rss0, anon0 = read_status()
         hwm_ok = _reset_hwm()
         self._max_rss, self._max_anon, self._samples = rss0, anon0, 0
+        c0 = os.times()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             dt = time.perf_counter() - t0
+            c1 = os.times()
             rss1, anon1 = read_status()
             peak_rss = max(self._max_rss, rss1, _read_hwm() if hwm_ok else 0)
             peak_anon = max(self._max_anon, anon1)
             self.phases[name] = {
                 "seconds": dt,
+                # CPU time of this process (all threads), less sensitive than wall time to other load
+                "cpu_seconds": (c1.user - c0.user) + (c1.system - c0.system),
+                "sys_seconds": c1.system - c0.system,
                 "peak_private": peak_anon - self.base_anon,
                 "peak_rss": peak_rss - self.base_rss,
                 "start_private": anon0 - self.base_anon,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -329,4 +328,3 @@ def test_half_precision_base_keeps_dtypes(tmp_path):
     got = load_all(ws.publishers["deploy"].path(2))
     b = load_all(base)
     assert all(got[k].dtype == b[k].dtype == torch.bfloat16 and bool(torch.isfinite(got[k].float()).all()) for k in b)
-    shutil.rmtree(tmp_path / "w")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import shutil
 import tomllib
 from pathlib import Path
 
@@ -259,26 +258,32 @@ def _digest(d: Path) -> dict[str, str]:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_resume_after_step_k_is_bit_identical(tmp_path, stream, k):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, stream):
+    """Digests of every deploy version, the final meta and the final S of an uninterrupted run."""
     _, base, experts = stream
-    ws = _workspace(tmp_path / "straight", base)
+    ws = _workspace(tmp_path_factory.mktemp("straight"), base)
     for p in experts:
         ws.merge(p)
-    want = {t: _digest(ws.publishers["deploy"].path(t)) for t in ws.publishers["deploy"].versions()}
-    want_meta = ws.states.latest().meta
-    ws2 = _workspace(tmp_path / "resumed", base)
+    deploys = {t: _digest(ws.publishers["deploy"].path(t)) for t in ws.publishers["deploy"].versions()}
+    snap = ws.states.latest()
+    return deploys, snap.meta, _digest(snap.directory / "sets" / "S")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_resume_after_step_k_is_bit_identical(tmp_path, stream, straight_run, k):
+    _, base, experts = stream
+    want, want_meta, want_s = straight_run
+    ws = _workspace(tmp_path, base)
     for p in experts[:k]:
-        ws2.merge(p)
-    del ws2
-    ws2 = _workspace(tmp_path / "resumed", base)  # a new Workspace object: state read from disk
-    ws2.recover()
+        ws.merge(p)
+    del ws
+    ws = _workspace(tmp_path, base)  # a new Workspace object: the state is read back from disk
+    ws.recover()
     for p in experts[k:]:
-        ws2.merge(p)
-    got = {t: _digest(ws2.publishers["deploy"].path(t)) for t in ws2.publishers["deploy"].versions()}
+        ws.merge(p)
+    got = {t: _digest(ws.publishers["deploy"].path(t)) for t in ws.publishers["deploy"].versions()}
     assert got == want and len(want) >= 3
-    assert ws2.states.latest().meta == want_meta
-    s1 = _digest(ws.states.latest().directory / "sets" / "S")
-    s2 = _digest(ws2.states.latest().directory / "sets" / "S")
-    assert s1 == s2
-    shutil.rmtree(tmp_path / "straight")
+    snap = ws.states.latest()
+    assert snap.meta == want_meta and snap.t == len(experts)
+    assert _digest(snap.directory / "sets" / "S") == want_s

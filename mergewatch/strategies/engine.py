@@ -138,13 +138,16 @@ def run_step(
                 raise StrategyError(
                     f"{strategy.name}/{p.name}: '{name}' produced sinks {sorted(out.tensors)}, expected {sorted(expected)}"
                 )
+            checked: set[int] = set()  # views and state often share one tensor: check it once
             for sink, tensor in out.tensors.items():
                 if tuple(tensor.shape) != shapes[sink][name]:
                     raise StrategyError(
                         f"{strategy.name}/{p.name}: '{name}' -> {sink} has shape {tuple(tensor.shape)}, expected {shapes[sink][name]}"
                     )
-                if not bool(torch.isfinite(tensor).all()):
-                    raise StrategyError(f"{strategy.name}/{p.name}: non-finite values in '{name}' -> {sink}")
+                if id(tensor) not in checked:
+                    if not all_finite(tensor):
+                        raise StrategyError(f"{strategy.name}/{p.name}: non-finite values in '{name}' -> {sink}")
+                    checked.add(id(tensor))
                 w = writers[sink]
                 w.write(name, tensor.to(meta.dtype if sink in VIEWS else _state_dtype(meta)))
             for k, v in out.stats.items():
@@ -153,6 +156,7 @@ def run_step(
             # Drop this name's tensors before the next name's are loaded (otherwise two names'
             # inputs would be alive at once while the next TensorInputs is built).
             del inputs, out
+            release_freed_memory()
             if progress:
                 progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
         for sink, w in writers.items():
@@ -190,6 +194,39 @@ def run_step(
         bytes_written=bytes_written,
         stats={k: v for k, v in ctx.scalars.items() if isinstance(v, (int, float, str, bool))},
     )
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``. One min/max reduction (NaN propagates into both, an infinity shows up
+    as the min or the max) instead of ``isfinite(t).all()``, which materialises a bool tensor of
+    t's size and runs ~50x slower on CPU (it dominated a WA step's compute)."""
+    if t.numel() == 0 or not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return True
+    if t.dtype.is_complex:
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _load_malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or a no-op elsewhere (musl, macOS)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+#: Hand the heap memory freed by one tensor name back to the kernel before the next name. glibc
+#: serves tensors below its (dynamic, up to 32 MiB) mmap threshold from the heap and keeps freed
+#: chunks there: without trimming, a step's private memory crept up to ~2x its live peak (TIES on
+#: the ViT-B/32 vision tower: 191 MiB retained vs 120 MiB live). Costs microseconds per name.
+release_freed_memory = _load_malloc_trim()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

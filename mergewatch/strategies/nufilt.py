@@ -163,7 +163,7 @@ class LayerLoss:
 
     def __call__(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         tb = self.tau @ b
-        return ((self.c1 - tb @ (a @ self.v1)) ** 2).sum()
+        return ((self.c1 - tb @ (a @ self.v1)) ** 2).sum() + ((self.c2 - tb @ (a @ self.u)) ** 2).sum()
 
     def update(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """τ(P + BA) = τP + (τB)A."""
