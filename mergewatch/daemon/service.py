@@ -333,6 +333,9 @@ def _why_not_safetensors(p: Path) -> str:
 
 
 def run(config_path: str | Path) -> int:
+    import faulthandler
+
+    faulthandler.enable()  # a watchdog SIGABRT prints every thread's traceback to the journal
     settings = config.load(config_path)
     configure_logging()
     d = Daemon(settings, config_path=Path(config_path))

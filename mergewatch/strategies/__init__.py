@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergewatch.strategies.base import BufferNeed, Pass, PassOutput, StepContext, Strategy, TensorInputs, TensorMeta, ViewSource
 from mergewatch.strategies.continual import ContinualMagMax, ContinualTaskArithmetic, ContinualTIES, ContinualWeightAverage
+from mergewatch.strategies.metamerge import MetaMerge
 from mergewatch.strategies.nufilt import NuFILT
 from mergewatch.strategies.opcm import OPCM
 from mergewatch.strategies.techniques import TECHNIQUES, Technique
@@ -30,6 +31,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "continual_magmax": ContinualMagMax,
     "nufilt": NuFILT,
     "wudi": WUDI,
+    "metamerge": MetaMerge,
 }
 
 #: deploy name -> strategy class (each declares ``defaults``: its hyper-parameters and defaults)
@@ -41,6 +43,7 @@ METHODS: dict[str, type[Strategy]] = {
     "continual_magmax": ContinualMagMax,
     "nufilt": NuFILT,
     "wudi": WUDI,
+    "metamerge": MetaMerge,
 }
 
 
