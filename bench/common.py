@@ -254,6 +254,13 @@ def evict(paths: Iterable[Path]) -> None:
             os.close(fd)
 
 
+def clone_tree(src: Path, dst: Path) -> None:
+    """A hard-linked copy of a directory tree (symlinks kept): a cheap fresh copy of a workspace whose
+    files are only ever replaced by rename, never rewritten in place."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+
+
 def files_under(path: Path) -> list[Path]:
     path = Path(path)
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -379,9 +386,11 @@ class Meter:
         finally:
             dt = time.perf_counter() - t0
             c1 = os.times()
+            peak_rss_now, peak_anon_now = self._max_rss, self._max_anon
+            gc.collect()  # "left at the end" should not count garbage waiting for the cycle collector
             rss1, anon1 = read_status()
-            peak_rss = max(self._max_rss, rss1, _read_hwm() if hwm_ok else 0)
-            peak_anon = max(self._max_anon, anon1)
+            peak_rss = max(peak_rss_now, rss1, _read_hwm() if hwm_ok else 0)
+            peak_anon = max(peak_anon_now, anon1)
             self.phases[name] = {
                 "seconds": dt,
                 # CPU time of this process (all threads), less sensitive than wall time to other load
@@ -431,6 +440,139 @@ def _worker_main(target: str, interval: float) -> None:
     out = {"phases": meter.phases, "result": result, "baseline": {"rss": meter.base_rss, "private": meter.base_anon}}
     sys.stdout.write(RESULT_TAG + json.dumps(out, default=str) + "\n")
     sys.stdout.flush()
+
+
+# Low-rank experts (DFCMM benchmarks: bench/dfcmm.py) ---------------------------------------------
+#: open_clip linear maps (name suffix -> row blocks): what the DFCMM methods project or optimise
+LINEAR_SUFFIXES = {"attn.in_proj_weight": 3, "attn.out_proj.weight": 1, "mlp.c_fc.weight": 1, "mlp.c_proj.weight": 1}
+
+
+def linear_blocks(name: str, shape: tuple[int, ...]) -> int:
+    """Row blocks of an open_clip linear weight (3 for the fused q/k/v ``in_proj_weight``), 0 otherwise."""
+    if len(shape) != 2:
+        return 0
+    for suffix, blocks in LINEAR_SUFFIXES.items():
+        if name == suffix or name.endswith("." + suffix):
+            return blocks
+    return 0
+
+
+def layout_with(spec: ModelSpec, vision: dict | None = None, text: dict | None = None) -> dict:
+    """``layout(spec)`` of the bundled config with some ``vision_cfg`` / ``text_cfg`` keys replaced,
+    e.g. ``vision={"layers": 2}``: the same tensor shapes as the full architecture, fewer blocks
+    (per-tensor costs and the largest tensor unchanged). Meta device only, nothing downloaded."""
+    import open_clip
+    import torch
+
+    cfg = open_clip.get_model_config(spec.arch)
+    if cfg is None:
+        raise ValueError(f"open_clip has no bundled config named {spec.arch!r}")
+    cfg = json.loads(json.dumps(cfg))  # deep copy: the bundled dict is shared
+    cfg["vision_cfg"].update(vision or {})
+    cfg["text_cfg"].update(text or {})
+    custom_text = cfg.pop("custom_text", False)
+    if "multimodal_cfg" in cfg:
+        raise ValueError(f"{spec.arch}: CoCa-style models are not supported by this benchmark")
+    for k in ("quick_gelu", "cast_dtype", "init_logit_bias"):
+        cfg.pop(k, None)
+    with torch.device("meta"):
+        model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+    sd = model.visual.state_dict() if spec.tower == "visual" else model.state_dict()
+    return {k: (tuple(v.shape), v.dtype) for k, v in sorted(sd.items())}
+
+
+@dataclass(frozen=True)
+class LowRankRecipe:
+    """How an expert differs from the base. Each row block (m × n) of a linear weight gets
+    τ = Q_a diag(s) Q_bᵀ + E: a seeded rank r ∈ [rank_min, rank_max] with orthonormal Q_a, Q_b and
+    geometrically decaying s_k ∝ decay^k scaled to ‖τ_lr‖_F = rel · ‖W0 block‖_F, plus a dense
+    Gaussian tail E whose largest singular value is about ``tail`` · s_1 (far below float32's
+    numerical-rank tolerance σ_1 · max(m, n) · 2^-23, so the task vector is numerically rank r but
+    its small singular pairs are generic, not an arbitrary LAPACK basis). Every other floating
+    tensor gets N(0, other²) noise."""
+
+    rank_min: int = 4
+    rank_max: int = 16
+    rel: float = 0.05
+    decay: float = 0.8
+    tail: float = 1e-6
+    other: float = 1e-3
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in ("rank_min", "rank_max", "rel", "decay", "tail", "other")}
+
+
+def lowrank_perturbation(name: str, base_value, seed: int, recipe: LowRankRecipe = LowRankRecipe()):
+    """The seeded task vector (float32, shape of ``base_value``) an expert adds to the base tensor
+    (see ``LowRankRecipe``); a fused q/k/v weight gets one independent low-rank term per block."""
+    import torch
+
+    shape = tuple(base_value.shape)
+    g = torch.Generator().manual_seed(_name_seed("lowrank", seed, name))
+    blocks = linear_blocks(name, shape)
+    if not blocks:
+        return torch.randn(shape, generator=g, dtype=torch.float32).mul_(recipe.other)
+    parts = []
+    for w0 in base_value.to(torch.float64).chunk(blocks, dim=0):
+        m, n = w0.shape
+        r = int(torch.randint(recipe.rank_min, recipe.rank_max + 1, (1,), generator=g))
+        qa, _ = torch.linalg.qr(torch.randn((m, r), generator=g, dtype=torch.float64))
+        qb, _ = torch.linalg.qr(torch.randn((n, r), generator=g, dtype=torch.float64))
+        s = recipe.decay ** torch.arange(r, dtype=torch.float64)
+        s *= recipe.rel * float(w0.norm()) / float(s.norm())
+        noise = torch.randn((m, n), generator=g, dtype=torch.float64)
+        noise *= recipe.tail * float(s[0]) / (math.sqrt(m) + math.sqrt(n))
+        parts.append((qa * s) @ qb.T + noise)
+    return torch.cat(parts, dim=0).to(torch.float32)
+
+
+def ensure_lowrank_checkpoints(spec: ModelSpec, n_experts: int = 3, *, vision: dict | None = None, seed: int = 0,
+                               recipe: LowRankRecipe = LowRankRecipe(), root: Path | None = None,
+                               regenerate: bool = False, log=print) -> dict:
+    """Base (``init_tensor``) and ``n_experts`` experts θ_i = θ0 + ``lowrank_perturbation`` (seed
+    ``seed + i``) of ``layout_with(spec, vision)``, streamed to disk and cached under
+    ``bench/out/models/lowrank-<spec>[-L<layers>]/`` while the recipe is unchanged. Returns
+    ``{"base": Path, "experts": [Path, ...], "stats": layout_stats, "layout": layout}``."""
+    import torch
+
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+
+    lay = layout_with(spec, vision)
+    stats = layout_stats(lay)
+    suffix = "".join(f"-{k}{v}" for k, v in sorted((vision or {}).items()))
+    root = Path(root or OUT_DIR / "models") / f"lowrank-{spec.key}{suffix}"
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {"version": 1, "arch": spec.arch, "tower": spec.tower, "vision": vision or {}, "seed": seed,
+            "recipe": recipe.as_dict(), "nbytes": stats["nbytes"]}
+    base = root / "base.safetensors"
+    experts = [root / f"expert-{i}.safetensors" for i in range(1, n_experts + 1)]
+    stamp = root / "recipe.json"
+    try:
+        cached = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        cached = None
+    fresh = regenerate or cached != meta
+    if fresh:
+        stamp.unlink(missing_ok=True)
+    if fresh or not base.is_file():
+        t = time.perf_counter()
+        write_streamed(base, lay, lambda n: init_tensor(n, *lay[n], seed))
+        log(f"  generated {base.relative_to(REPO)} ({fmt_bytes(stats['nbytes'])}) in {time.perf_counter() - t:.1f} s")
+    ckpt = LazyCheckpoint(base)
+    for i, path in enumerate(experts, start=1):
+        if fresh or not path.is_file():
+            t = time.perf_counter()
+
+            def produce(n, _i=i):
+                v = ckpt[n]
+                if not v.dtype.is_floating_point:
+                    return v
+                return (v.to(torch.float32) + lowrank_perturbation(n, v, seed + _i, recipe)).to(v.dtype)
+
+            write_streamed(path, lay, produce)
+            log(f"  generated {path.relative_to(REPO)} in {time.perf_counter() - t:.1f} s")
+    stamp.write_text(json.dumps(meta, indent=1))
+    return {"base": base, "experts": experts, "stats": stats, "layout": lay}
 
 
 # Self-test -------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     MiB,
+    clone_tree,
     OUT_DIR,
     ModelSpec,
     ensure_checkpoints,
@@ -255,11 +256,24 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 # Orchestration -----------------------------------------------------------------------------------
 def prepare_inputs(paths, cold: bool) -> None:
-    os.sync()  # nothing dirty left from setup competes with the measured writes
+    os.sync()  # nothing dirty left from earlier cases competes with the measured writes
     if cold:
         evict(paths)
     else:
         warm(paths)
+
+
+def _phase(run: dict, name: str) -> dict:
+    return run["phases"][name]
+
+
+def fastest(runs: list[dict], name: str) -> float:
+    """Wall time of the fastest repeat (other load on the machine only ever adds time)."""
+    return min(_phase(r, name)["seconds"] for r in runs)
+
+
+def worst(runs: list[dict], name: str, key: str = "peak_private") -> int:
+    return max(_phase(r, name)[key] for r in runs)
 
 
 def run_model(spec: ModelSpec, ns) -> dict:
@@ -269,61 +283,63 @@ def run_model(spec: ModelSpec, ns) -> dict:
     base, (e1, e2) = ck["base"], ck["experts"]
     work = OUT_DIR / "runs" / spec.key
     res = {"spec": spec.label, "stats": stats, "cases": {}}
-    for pname, policy in POLICIES.items():
-        if pname not in ns.policies:
-            continue
+    for pname in ns.policies:
+        policy = POLICIES[pname]
         tag = pname.replace("/", "-")
-        ws = work / f"ws-{tag}"
-        args = {"workspace": str(ws), "base": str(base), "policy": policy}
+        pristine, ws = work / f"ws-{tag}-after-step-1", work / f"ws-{tag}"
         t = time.perf_counter()
-        setup = run_worker("streaming:worker_setup", {**args, "expert": str(e1)})
+        setup = run_worker("streaming:worker_setup", {"workspace": str(pristine), "base": str(base), "policy": policy, "expert": str(e1)})
         print(f"  {pname}: step 1 (setup) {setup['result']['seconds']:.1f} s", flush=True)
-        prepare_inputs([base, e1, e2, *files_under(ws / "state")], ns.cold)
-        ours = run_worker("streaming:worker_ours", {**args, "expert": str(e2)}, interval=ns.interval)
-        r = ours["result"]
-        print(f"  {pname}: ours measured (step {ours['phases']['step']['seconds']:.1f} s)", flush=True)
-        state_dir = Path(r["state_dir"])
-        prev_dir = state_dir.parent / str(int(state_dir.name) - 1)
+        args = {"workspace": str(ws), "base": str(base), "policy": policy, "expert": str(e2)}
+        ours, floor, floor_vc = [], [], []
+        for rep in range(ns.repeat):
+            clone_tree(pristine, ws)  # the same post-step-1 workspace for every repeat
+            prepare_inputs([base, e1, e2, *files_under(ws / "state")], ns.cold)
+            ours.append(run_worker("streaming:worker_ours", args, interval=ns.interval))
+            r = ours[-1]["result"]
+            # I/O floor of the step: the same input files, the same output byte counts ...
+            inputs = [Path(p) for p in r["inputs"]]
+            prepare_inputs(inputs, ns.cold)
+            floor.append(run_worker("streaming:worker_io", {"inputs": [str(p) for p in inputs], "sizes": list(r["outputs"].values()),
+                                                            "scratch": str(work / "io-scratch")}, interval=ns.interval))
+            # ... and of validate + claim: read the expert once, then copy it (read + write + fsync).
+            prepare_inputs([e2], ns.cold)
+            floor_vc.append(run_worker("streaming:worker_io", {"inputs": [str(e2), str(e2)], "sizes": [r["expert_bytes"]],
+                                                               "scratch": str(work / "io-scratch")}, interval=ns.interval))
+            print(f"  {pname}: repeat {rep + 1}/{ns.repeat}: step {_phase(ours[-1], 'step')['seconds']:.2f} s, "
+                  f"I/O floor {_phase(floor[-1], 'io')['seconds']:.2f} s", flush=True)
+        state_dir = Path(ours[-1]["result"]["state_dir"])
+        prev_dir = pristine / "state" / str(int(state_dir.name) - 1)
         naive = None
         if not ns.no_naive:
+            out = work / f"naive-{tag}"
             if pname == "wa/ema":
-                nargs = {"base": str(base), "expert": str(e2), "state": str(prev_dir / "sets/ema/model.safetensors"),
-                         "w": EMA_W, "out": str(work / f"naive-{tag}")}
-                prepare_inputs([Path(nargs["base"]), e2, Path(nargs["state"])], ns.cold)
+                nargs = {"base": str(base), "expert": str(e2), "state": str(prev_dir / "sets/ema/model.safetensors"), "w": EMA_W, "out": str(out)}
+                prepare_inputs([base, e2, Path(nargs["state"])], ns.cold)
                 naive = run_worker("streaming:worker_naive_wa", nargs, interval=ns.interval)
-                pairs = {"ema": state_dir / "sets/ema/model.safetensors", "deploy": state_dir / "views/deploy/model.safetensors",
-                         "init": state_dir / "views/init/model.safetensors"}
+                pairs = {k: state_dir / f"{d}/{k}/model.safetensors" for k, d in (("ema", "sets"), ("deploy", "views"), ("init", "views"))}
             else:
-                nargs = {"base": str(base), "experts": [str(e1), str(e2)], "p": TIES_P, "lam": TIES_LAMBDA,
-                         "out": str(work / f"naive-{tag}")}
+                nargs = {"base": str(base), "experts": [str(e1), str(e2)], "p": TIES_P, "lam": TIES_LAMBDA, "out": str(out)}
                 prepare_inputs([base, e1, e2], ns.cold)
                 naive = run_worker("streaming:worker_naive_ties", nargs, interval=ns.interval)
                 pairs = {"deploy": state_dir / "views/deploy/model.safetensors"}
-            print(f"  {pname}: naive measured ({naive['phases']['naive']['seconds']:.1f} s)", flush=True)
+            print(f"  {pname}: naive {_phase(naive, 'naive')['seconds']:.1f} s", flush=True)
             naive["diff"] = {k: max_abs_diff(Path(naive["result"]["outputs"][k]), v) for k, v in pairs.items()}
-            shutil.rmtree(work / f"naive-{tag}", ignore_errors=True)
-        # I/O floor of the step: the same input files, the same output byte counts.
-        inputs = [Path(p) for p in r["inputs"]]
-        sizes = list(r["outputs"].values())
-        prepare_inputs(inputs, ns.cold)
-        floor = run_worker("streaming:worker_io", {"inputs": [str(p) for p in inputs], "sizes": sizes,
-                                                   "scratch": str(work / "io-scratch")}, interval=ns.interval)
-        # ... and of validate + claim: read the expert once, copy it (read + write + fsync).
-        prepare_inputs([e2], ns.cold)
-        floor_vc = run_worker("streaming:worker_io", {"inputs": [str(e2), str(e2)], "sizes": [r["expert_bytes"]],
-                                                      "scratch": str(work / "io-scratch")}, interval=ns.interval)
+            shutil.rmtree(out, ignore_errors=True)
         res["cases"][pname] = {"ours": ours, "naive": naive, "floor": floor, "floor_vc": floor_vc, "setup": setup,
                                "wall": time.perf_counter() - t}
         if not ns.keep:
             shutil.rmtree(ws, ignore_errors=True)
+            shutil.rmtree(pristine, ignore_errors=True)
     if not ns.keep:
         shutil.rmtree(work, ignore_errors=True)
     return res
 
 
 def report(results: list[dict]) -> None:
-    print("\n" + "=" * 100)
-    print("Models (float32; random init from open_clip's bundled configs; experts = base + N(0, 0.01^2))")
+    n_rep = max((len(c["ours"]) for r in results for c in r["cases"].values()), default=1)
+    print("\n" + "=" * 110)
+    print("Models (float32; random init from open_clip's bundled configs; experts = base + N(0, 0.01^2) per entry)")
     print(fmt_table(
         ["model", "tensors", "params", "size", "largest tensor", "largest", "bound 6x+64MiB"],
         [[r["spec"], r["stats"]["n_tensors"], f"{r['stats']['params'] / 1e6:.1f} M", fmt_bytes(r["stats"]["nbytes"]),
@@ -334,44 +350,47 @@ def report(results: list[dict]) -> None:
     rows = []
     for r in results:
         for pname, c in r["cases"].items():
-            ph = c["ours"]["phases"]
-            res = c["ours"]["result"]
-            rd, wr = c["floor"]["result"]["bytes_read"], c["floor"]["result"]["bytes_written"]
-            rows.append([r["spec"], pname, "ours: step", f"{ph['step']['seconds']:.2f}", fmt_bytes(ph["step"]["peak_private"]),
-                         fmt_bytes(ph["step"]["peak_rss"]), f"read {fmt_bytes(rd)}, write {fmt_bytes(wr)}"])
-            rows.append([r["spec"], pname, "  of which run_step", f"{res['engine_seconds']:.2f}", "", "", ""])
-            rows.append([r["spec"], pname, "ours: validate", f"{ph['validate']['seconds']:.2f}", fmt_bytes(ph["validate"]["peak_private"]),
-                         fmt_bytes(ph["validate"]["peak_rss"]), "reads + hashes the expert"])
-            rows.append([r["spec"], pname, "ours: claim (copy)", f"{ph['claim']['seconds']:.2f}", fmt_bytes(ph["claim"]["peak_private"]),
-                         fmt_bytes(ph["claim"]["peak_rss"]), "daemon moves instead (rename)"])
+            ours = c["ours"]
+            res = ours[-1]["result"]
+            fl = c["floor"][-1]["result"]
+
+            def row(case, runs, phase, note=""):
+                cpu = min(_phase(x, phase)["cpu_seconds"] for x in runs)
+                return [r["spec"], pname, case, f"{fastest(runs, phase):.2f}", f"{cpu:.2f}", fmt_bytes(worst(runs, phase)),
+                        fmt_bytes(worst(runs, phase, "peak_rss")), note]
+
+            rows.append(row("ours: step", ours, "step", f"reads {fmt_bytes(fl['bytes_read'])}, writes {fmt_bytes(fl['bytes_written'])}"))
+            eng = min(x["result"]["engine_seconds"] for x in ours)
+            rows.append([r["spec"], pname, "  of which run_step", f"{eng:.2f}", "", "", "", "the engine; the rest is commit + publish"])
+            rows.append(row("ours: validate", ours, "validate", "reads + hashes + NaN-checks the expert"))
+            rows.append(row("ours: claim (copy)", ours, "claim", "the daemon moves (rename) instead"))
             if c["naive"]:
                 n = c["naive"]
                 t = n["result"]["times"]
-                rows.append([r["spec"], pname, "naive (whole model)", f"{n['phases']['naive']['seconds']:.2f}",
-                             fmt_bytes(n["phases"]["naive"]["peak_private"]), fmt_bytes(n["phases"]["naive"]["peak_rss"]),
-                             f"load {t['load']:.1f} s, compute {t['compute']:.1f} s, save {t['save']:.1f} s"])
-            f = c["floor"]["result"]
-            rows.append([r["spec"], pname, "I/O floor (step)", f"{c['floor']['phases']['io']['seconds']:.2f}", "", "",
-                         f"read {f['read_seconds']:.2f} s, write+fsync {f['write_seconds']:.2f} s"])
-            rows.append([r["spec"], pname, "I/O floor (validate+claim)", f"{c['floor_vc']['phases']['io']['seconds']:.2f}", "", "", ""])
-    print("\nMeasurements (each row a fresh process; memory = peak above that process's idle baseline after imports)")
-    print(fmt_table(["model", "policy", "case", "seconds", "peak private", "peak RSS", "notes"], rows, "lllrrrl"))
+                rows.append(row("naive (whole model)", [n], "naive", f"load {t['load']:.1f} s, compute {t['compute']:.1f} s, save {t['save']:.1f} s"))
+            f = min(c["floor"], key=lambda x: _phase(x, "io")["seconds"])["result"]
+            rows.append(row("I/O floor (step)", c["floor"], "io", f"read {f['read_seconds']:.2f} s, write+fsync {f['write_seconds']:.2f} s"))
+            rows.append(row("I/O floor (val.+claim)", c["floor_vc"], "io", "read expert twice, write it once"))
+    print(f"\nMeasurements (every row a fresh process; seconds/cpu = fastest of {n_rep} repeat(s), memory = worst; memory is the"
+          " peak above that process's idle baseline after imports; private = RssAnon)")
+    print(fmt_table(["model", "policy", "case", "seconds", "cpu s", "peak private", "peak RSS", "notes"], rows, "lllrrrrl"))
     rows = []
     for r in results:
         bound = bound_bytes(r["stats"]["largest_bytes"])
         for pname, c in r["cases"].items():
-            ph = c["ours"]["phases"]
-            step_s, floor_s = ph["step"]["seconds"], c["floor"]["phases"]["io"]["seconds"]
-            merge_s = step_s + ph["validate"]["seconds"] + ph["claim"]["seconds"]
-            merge_floor = floor_s + c["floor_vc"]["phases"]["io"]["seconds"]
-            peak = max(ph["step"]["peak_private"], 1)
+            ours = c["ours"]
+            step_s, floor_s = fastest(ours, "step"), fastest(c["floor"], "io")
+            eng = min(x["result"]["engine_seconds"] for x in ours)
+            merge_s = min(sum(_phase(x, ph)["seconds"] for ph in ("validate", "claim", "step")) for x in ours)
+            merge_floor = floor_s + fastest(c["floor_vc"], "io")
+            peak = max(worst(ours, "step"), 1)
             naive = c["naive"]
             rows.append([
                 r["spec"], pname,
-                f"{ph['step']['peak_private'] / bound:.2f}",
-                f"{naive['phases']['naive']['peak_private'] / peak:.1f}" if naive else "-",
+                f"{worst(ours, 'step') / bound:.2f}",
+                f"{_phase(naive, 'naive')['peak_private'] / peak:.1f}" if naive else "-",
                 f"{step_s / floor_s:.2f}",
-                f"{c['ours']['result']['engine_seconds'] / floor_s:.2f}",
+                f"{eng / floor_s:.2f}",
                 f"{merge_s / merge_floor:.2f}",
                 f"{max(naive['diff'].values()):.3g}" if naive else "-",
             ])
@@ -383,8 +402,8 @@ def report(results: list[dict]) -> None:
             if c["naive"]:
                 print(f"  {r['spec']} {pname}: max abs diff ours vs naive per output: "
                       + ", ".join(f"{k} {v:.3g}" for k, v in c["naive"]["diff"].items()))
-    print("  step = Workspace.step (run_step + commit + publish + retention); merge = validate + claim + step,"
-          " against the floor of the step plus reading the expert once and copying it.")
+    print("  step = Workspace.step (run_step + commit + publish + retention) vs the floor of its bytes; merge = validate +"
+          " claim + step vs that floor plus reading the expert once and copying it.")
 
 
 def main(argv=None) -> int:
@@ -395,6 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="evict inputs from the page cache before each case (default: warm)")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
     ap.add_argument("--keep", action="store_true", help="keep workspaces under bench/out/runs/")
+    ap.add_argument("--repeat", type=int, default=1, help="repeat the timed cases (ours, I/O floor); the fastest counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--interval", type=float, default=0.001, help="memory sampling interval (s)")
     ap.add_argument("--json", type=Path, help="also write all measurements to this file")

@@ -60,7 +60,7 @@ class DaemonProcess:
                 pass
         return out
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 180) -> None:
         wait_for(lambda: '"ready"' in self.log() or self.proc.poll() is not None, timeout, what="daemon ready")
         assert self.proc.poll() is None, self.log()
 

@@ -90,3 +90,21 @@ def test_demo_runs_without_downloads(tmp_path):
     r = run("demo", "--workdir", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     assert "merged" in r.stdout and "deploy/current -> 3" in r.stdout
+
+
+def test_progress_bar_on_a_terminal_only():
+    import io
+
+    from mergewatch.cli import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        p = Progress(stream=stream)
+        for i in range(1, 11):
+            p("wa ema", 1, 2, i, 10)
+    assert "pass 1/2" in tty.getvalue() and "10/10 tensors" in tty.getvalue()
+    assert pipe.getvalue() == ""

@@ -75,7 +75,7 @@ def test_sigkill_anywhere_loses_nothing_and_repeats_nothing(tmp_path):
         else:
             d = DaemonProcess(cfg, env={"MERGEWATCH_CRASH_AT": spec})
             try:
-                d.proc.wait(90)  # it kills itself at that point
+                d.proc.wait(240)  # it kills itself at that point
             except Exception as e:
                 raise AssertionError(f"crash point {spec} never reached:\n{d.log()[-3000:]}") from e
             finally:

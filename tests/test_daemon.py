@@ -245,3 +245,40 @@ def test_sighup_reload_and_polling_observer(setup):
     finally:
         rc = d.stop()
     assert rc == 0
+
+
+@pytest.mark.parametrize("policy", ['deploy = "opcm"', 'deploy = "wudi"\nsolver = "exact"'])
+def test_dfcmm_methods_run_in_the_daemon(setup, policy):
+    """The data-free methods run in the daemon with their state persisted: the daemon (restarted
+    once mid-stream) publishes exactly what the batch engine computes."""
+    from mergewatch import config
+    from mergewatch.checkpoint.hashing import content_sha256
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+    from mergewatch.workspace import Workspace
+
+    tmp, base_path = setup
+    cfg = write_config(tmp, policy=f'init = "zs"\n{policy}')
+    experts = [make_expert(base_path, tmp / "src" / f"m{i}.safetensors", seed=40 + i) for i in range(3)]
+    d = DaemonProcess(cfg)
+    try:
+        d.wait_ready()
+        submit(experts[0], tmp / "ws" / "inbox")
+        wait_for(lambda: [r.status for r in ledger_rows(tmp / "ws")] == ["merged"], 60, "first merged")
+    finally:
+        assert d.stop() == 0
+    d = DaemonProcess(cfg)
+    try:
+        d.wait_ready()
+        for e in experts[1:]:
+            submit(e, tmp / "ws" / "inbox")
+        wait_for(lambda: [r.status for r in ledger_rows(tmp / "ws")] == ["merged"] * 3, 120, "all merged")
+    finally:
+        assert d.stop() == 0
+    ref = tmp / "ref"
+    ref.mkdir()
+    (ref / "base.safetensors").symlink_to(base_path)
+    ws = Workspace(config.load(write_config(ref, policy=f'init = "zs"\n{policy}')))
+    for e in experts:
+        ws.merge(e)
+    got = LazyCheckpoint(tmp / "ws" / "deploy" / "3")
+    assert content_sha256(got) == content_sha256(LazyCheckpoint(ws.publishers["deploy"].path(3)))

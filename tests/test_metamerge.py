@@ -129,7 +129,7 @@ def test_workspace_stream_matches_mlp_fixtures(tmp_path, conf_inputs):
     assert pol["checkpoint_sha256"] == meta["mlp"]["checkpoint_sha256"]
     assert pol["nino"]["hidden"] == 128 and pol["nino"]["hidden_layers"] == 3
     assert (pol["upd_scale"], pol["fold"], pol["slot0"]) == (2.5, "none", "chained")
-    assert pol["horizons"] == [1, 2, 3, 4, 5] and "extensions" not in pol
+    assert pol["horizons"] == [1, 2, 3, 4, 5] and "extensions" not in pol and "threads" not in pol
     assert json.loads((ws.root / "state" / "4" / "state.json").read_text())["meta"]["mode"] == "metamerge-4"
 
 
@@ -274,6 +274,8 @@ def test_chunking_does_not_change_the_result(fake_ckpt):
     a = metamerge_tensor(net, name, base, experts, chunk_rows=7)
     b = metamerge_tensor(net, name, base, experts, chunk_rows=100000)
     assert torch.allclose(a, b, atol=1e-7, rtol=0)
+    for threads in (1, 2, 3):  # same chunks, each computed single-threaded: bit-identical
+        assert torch.equal(metamerge_tensor(net, name, base, experts, chunk_rows=7, threads=threads), a)
     assert torch.equal(expert_mean(experts), (experts[0] + experts[1]) / 2)
 
 
@@ -362,6 +364,7 @@ def test_registry_and_config(tmp_path, fake_ckpt):
         (f'checkpoint = "{fake_ckpt}"\nfold = "chain"', "policy.metamerge.fold", "'fold' must be one of none, pairwise"),
         (f'checkpoint = "{fake_ckpt}"\nslot0 = "clean"', "policy.metamerge.slot0", "'slot0'"),
         (f'checkpoint = "{fake_ckpt}"\nchunk_rows = 0', "policy.metamerge.chunk_rows", "'chunk_rows'"),
+        (f'checkpoint = "{fake_ckpt}"\nthreads = -1', "policy.metamerge.threads", "'threads'"),
         (f'checkpoint = "{fake_ckpt}"\nhorizons = 3', "policy.horizons", "unknown key"),
         (f'checkpoint = "{fake_ckpt}"\ninit = "ema"', "policy.init", "init must be 'zs'"),
     ]

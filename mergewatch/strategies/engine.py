@@ -156,7 +156,6 @@ def run_step(
             # Drop this name's tensors before the next name's are loaded (otherwise two names'
             # inputs would be alive at once while the next TensorInputs is built).
             del inputs, out
-            release_freed_memory()
             if progress:
                 progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
         for sink, w in writers.items():
@@ -166,6 +165,7 @@ def run_step(
             written[sink] = LazyCheckpoint(sink_path(out_dir, sink))
         if p.reduce_fn is not None:
             ctx.scalars.update(p.reduce_fn(totals, ctx))
+        release_freed_memory()
     for s in state_sets:
         if s not in written:
             raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
@@ -222,10 +222,12 @@ def _load_malloc_trim() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-#: Hand the heap memory freed by one tensor name back to the kernel before the next name. glibc
-#: serves tensors below its (dynamic, up to 32 MiB) mmap threshold from the heap and keeps freed
-#: chunks there: without trimming, a step's private memory crept up to ~2x its live peak (TIES on
-#: the ViT-B/32 vision tower: 191 MiB retained vs 120 MiB live). Costs microseconds per name.
+#: Hand heap memory freed during a pass back to the kernel when the pass ends. glibc serves tensors
+#: below its dynamic mmap threshold (which rises up to 32 MiB as large blocks are freed) from the
+#: heap and keeps freed chunks there, so without this a long-running daemon kept a step's
+#: fragmented heap after the step (TIES on the ViT-B/32 vision tower: ~190 MiB private memory left
+#: behind after a step whose live tensors never exceeded ~120 MiB). Trimming once per pass (not
+#: per tensor) keeps heap reuse inside the pass, which avoids re-faulting fresh pages per tensor.
 release_freed_memory = _load_malloc_trim()
 
 

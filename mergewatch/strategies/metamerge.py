@@ -43,7 +43,11 @@ Parameters (``[policy]`` or ``[policy.metamerge]``):
   prediction from k = 2 on) | ``"base"`` (slot 0 = θ0 at every horizon: **daemon extension, not the
   reference**; it differs from the published behaviour by up to ~2e-2 on the conformance model).
 * ``chunk_rows`` = 8192: scalars per batch through the network (activation memory ≈ chunk_rows × H
-  × 4 bytes × 2).
+  × 4 bytes × 2 per thread).
+* ``threads`` = 0: worker threads, each running whole chunks single-threaded (0: torch's intra-op
+  thread count). Chunk boundaries do not depend on it and every chunk is computed single-threaded,
+  so the result is bit-identical for any ``threads``: it is left out of the policy's identity
+  (MANIFEST ``policy`` and the resume check), unlike ``chunk_rows``.
 
 Known limits: results are float32 and cast back to the base's storage dtype by the engine. Only the
 open_clip ViT naming is verified against the reference; other role tables are refused. The blog's
@@ -70,6 +74,7 @@ from mergewatch.strategies.base import (
     ViewSource,
 )
 from mergewatch.strategies.nino import (
+    DEFAULT_CHUNK_ROWS,
     HORIZONS,
     MAX_EXPERTS,
     MetaMergeError,
@@ -101,7 +106,8 @@ class MetaMerge(Strategy):
         "upd_scale": 2.5,
         "fold": "none",
         "slot0": "chained",
-        "chunk_rows": 8192,
+        "chunk_rows": DEFAULT_CHUNK_ROWS,
+        "threads": 0,
     }
 
     def __init__(self, params: Mapping[str, Any]):
@@ -119,6 +125,9 @@ class MetaMerge(Strategy):
         rows = merged["chunk_rows"]
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
             raise ValueError(f"{self.name}: parameter 'chunk_rows' must be a positive integer, got {rows!r}")
+        threads = merged["threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"{self.name}: parameter 'threads' must be an integer >= 0 (0: torch's thread count), got {threads!r}")
         if not isinstance(merged["checkpoint"], str):
             raise ValueError(f"{self.name}: parameter 'checkpoint' must be a path string, got {merged['checkpoint']!r}")
         try:
@@ -130,6 +139,7 @@ class MetaMerge(Strategy):
         self.fold = merged["fold"]
         self.chain = merged["slot0"] == "chained"
         self.chunk_rows = rows
+        self.threads = threads
 
     # Declarations ------------------------------------------------------------------------------
     def buffer_need(self) -> BufferNeed:
@@ -146,6 +156,7 @@ class MetaMerge(Strategy):
 
     def describe(self) -> dict:
         d = super().describe()
+        d.pop("threads", None)  # a performance knob that cannot change the result (see above)
         d["nino"] = self.net.describe()
         d["checkpoint_sha256"] = self.net.sha256
         d["horizons"] = list(HORIZONS)
@@ -223,4 +234,5 @@ class MetaMerge(Strategy):
             upd_scale=self.upd_scale,
             chain=self.chain,
             chunk_rows=self.chunk_rows,
+            threads=self.threads,
         )

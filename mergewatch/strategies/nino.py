@@ -22,7 +22,16 @@ in float64 and stored in float32. This removes one of the three H × H matrix pr
 check ≤ 1e-6 against the reference's outputs). Hidden layers use oneDNN's fused linear + SiLU when
 this torch build has it (true float32, about twice MKL's ``addmm`` + ``silu`` on this machine), with
 ``addmm`` + in-place SiLU as the fallback. Rows are processed in chunks of ``chunk_rows`` so that the
-activations stay in cache (8192 × H floats = 4 MB for H = 128).
+activations stay in cache (8192 × H floats = 4 MB for H = 128), and the chunks of one horizon are
+spread over a few worker threads, each computing whole chunks single-threaded: no OpenMP barrier per
+small matrix product (those collapse throughput when the CPU is shared), and results that do not
+depend on the thread count or the chunk size.
+
+Numerical sensitivity. Chaining feeds P_{k−1} back into slot 0, and the network amplifies a
+perturbation of slot 0 by roughly 2–3× per horizon, so a one-ulp difference at k = 1 (any change of
+summation order) becomes ~50 ulps at k = 5. On the conformance model this implementation is within
+3e-8 of the reference at k = 1, 7.4e-7 at k = 5 and 1.2e-7 on the final (averaged) merges; the
+literal formulation (``reference=True``) is within 2.7e-7 at k = 5.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import io
 import math
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,22 +121,14 @@ def type_segments(name: str, shape: Sequence[int]) -> list[tuple[int, int, int]]
 _HIDDEN_RE = re.compile(r"^edge_mlp\.fc\.(\d+)\.(weight|bias)$")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _linear_fused_silu_available() -> bool:
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
-        x = torch.randn(4, 3)
-        w = torch.randn(2, 3)
-        b = torch.randn(2)
+        x = torch.linspace(-2.0, 2.0, 12).reshape(4, 3)  # fixed values: the global RNG is not touched
+        w = torch.linspace(1.0, -1.0, 6).reshape(2, 3)
+        b = torch.tensor([0.25, -0.5])
         got = op(x, w, b, "swish", [], "")
         want = torch.nn.functional.silu(torch.addmm(b, x, w.t()))
         return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
@@ -142,6 +144,28 @@ def _fused_ok() -> bool:
     if _FUSED is None:
         _FUSED = _linear_fused_silu_available()
     return _FUSED
+
+
+DEFAULT_CHUNK_ROWS = 8192
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _single_threaded() -> None:
+    # Runs in our own worker threads only: OpenMP's thread count is per calling thread, so the
+    # caller's threads keep their setting.
+    torch.set_num_threads(1)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """Chunk-level parallelism: ``threads`` worker threads each running whole chunks single-threaded
+    (torch releases the GIL inside ops). Versus intra-op threads on every small matrix product this
+    avoids one OpenMP barrier per op, which is what collapses throughput (by 4x measured) when the
+    CPU is shared with other processes. Used for one thread too, so that every chunk is always
+    computed single-threaded (results independent of the thread count)."""
+    n = max(1, threads or torch.get_num_threads())
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nino", initializer=_single_threaded)
+    return _POOLS[n]
 
 
 @dataclass(frozen=True)
@@ -343,7 +367,8 @@ def metamerge_tensor(
     *,
     upd_scale: float = 2.5,
     chain: bool = True,
-    chunk_rows: int = 8192,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    threads: int = 0,
     horizons: Sequence[int] = HORIZONS,
     reference: bool = False,
     per_horizon: list | None = None,
@@ -353,7 +378,9 @@ def metamerge_tensor(
     ``experts`` in the caller's (documented, stable) order, 2–4 of them. ``chain=True`` is the
     reference's overwrite behaviour (slot 0 at horizon k ≥ 2 is the prediction P_{k−1}); ``False``
     keeps W0 in slot 0 at every horizon (a daemon extension, not the reference). ``per_horizon``, if
-    given, receives P_1..P_5. ``reference=True`` runs §4.4 literally (slower; tests, benchmark)."""
+    given, receives P_1..P_5. ``reference=True`` runs §4.4 literally (slower; tests, benchmark).
+    Chunks of ``chunk_rows`` scalars run on ``threads`` worker threads (0: torch's intra-op thread
+    count); each chunk is computed single-threaded, so the result does not depend on ``threads``."""
     order = context_order(len(experts))
     shape = tuple(base.shape)
     n = base.numel()
@@ -368,17 +395,22 @@ def metamerge_tensor(
     segments = type_segments(name, shape)
     lam = float(upd_scale)
     forward = net.delta_reference if reference else net.delta
+    tasks = [(i, min(i + chunk_rows, end), tid) for start, end, tid in segments for i in range(start, end, chunk_rows)]
+    pool = _pool(threads)
     total: torch.Tensor | None = None
     for k in horizons:
         mu, sigma, denom = _moments(x)
         pred = torch.empty(n, dtype=torch.float32)
-        for start, end, tid in segments:
-            for i in range(start, end, chunk_rows):
-                j = min(i + chunk_rows, end)
-                z = x[i:j].sub(mu).div_(denom)
-                d = forward(z, tid, k)
-                # z' = z[4] + λ δ;  P = z' σ + μ (no eps when de-normalising)
-                pred[i:j] = d.mul_(lam).add_(z[:, 4]).mul_(sigma).add_(mu)
+
+        def run(task: tuple[int, int, int], _k=k, _mu=mu, _sigma=sigma, _denom=denom, _pred=pred) -> None:
+            i, j, tid = task
+            z = x[i:j].sub(_mu).div_(_denom)
+            d = forward(z, tid, _k)
+            # z' = z[4] + λ δ;  P = z' σ + μ (no eps when de-normalising)
+            _pred[i:j] = d.mul_(lam).add_(z[:, 4]).mul_(_sigma).add_(_mu)
+
+        for f in [pool.submit(run, task) for task in tasks]:
+            f.result()
         if per_horizon is not None:
             per_horizon.append(pred.view(shape).clone())
         total = pred.clone() if total is None else total.add_(pred)
