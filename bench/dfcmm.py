@@ -98,10 +98,18 @@ def _settings(args: dict):
     return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": SEED, "policy": args["policy"]})
 
 
+def _threads(args: dict) -> None:
+    import torch
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+
+
 def worker_setup(args: dict, meter) -> dict:
     """Fresh workspace with expert 1 merged (step 1, not measured)."""
     from mergewatch.workspace import Workspace
 
+    _threads(args)
     shutil.rmtree(args["workspace"], ignore_errors=True)
     ws = Workspace(_settings(args))
     t = time.perf_counter()
@@ -113,6 +121,7 @@ def worker_ours(args: dict, meter) -> dict:
     """Expert 2 through validate -> claim -> step, each a measured phase (optionally under cProfile)."""
     from mergewatch.workspace import Workspace
 
+    _threads(args)
     ws = Workspace(_settings(args))
     meter.baseline()
     with meter.phase("validate"):
@@ -348,6 +357,7 @@ def worker_naive(args: dict, meter) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     kind, prm = args["kind"], args["params"]
+    _threads(args)
     meter.baseline()
     times, extra = {}, {}
     with meter.phase("naive"):
@@ -401,7 +411,7 @@ def run(ns) -> dict:
         models[g] = ensure_lowrank_checkpoints(ARCH, 3, vision=groups[g], seed=ns.seed)
     work = OUT_DIR / "runs" / "dfcmm"
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"models": {g: {"layers": groups[g]["layers"], "stats": m["stats"]} for g, m in models.items()}, "cases": {}}
+    res: dict = {"threads": ns.threads, "models": {g: {"layers": groups[g]["layers"], "stats": m["stats"]} for g, m in models.items()}, "cases": {}}
     naive_cache: dict = {}
     experts_used = 2  # step 2 measured; step 1 is a copy
     for case in ns.methods:
@@ -409,7 +419,7 @@ def run(ns) -> dict:
         ck = models[g]
         base, exps = ck["base"], ck["experts"][:experts_used]
         ws = work / f"ws-{case}"
-        args = {"workspace": str(ws), "base": str(base), "policy": policy}
+        args = {"workspace": str(ws), "base": str(base), "policy": policy, "threads": ns.threads}
         t0 = time.perf_counter()
         setup = run_worker("dfcmm:worker_setup", {**args, "expert": str(exps[0])})
         warm([base, exps[-1], *files_under(ws / "state")])
@@ -420,7 +430,7 @@ def run(ns) -> dict:
         if key not in naive_cache and not ns.no_naive:
             warm([base, *exps])
             naive_cache[key] = run_worker("dfcmm:worker_naive", {
-                "kind": nkind, "params": nprm, "base": str(base), "experts": [str(p) for p in exps],
+                "kind": nkind, "params": nprm, "threads": ns.threads, "base": str(base), "experts": [str(p) for p in exps],
                 "expert_ids": ours["result"]["expert_ids"], "out": str(work / f"naive-{nkind}-{g}")}, interval=ns.interval)
             print(f"  {nkind}: naive {naive_cache[key]['phases']['naive']['seconds']:.1f} s", flush=True)
         naive = naive_cache.get(key)
@@ -442,7 +452,8 @@ def run(ns) -> dict:
 
 def report(res: dict) -> None:
     print("\n" + "=" * 110)
-    print(f"Models: open_clip {ARCH.arch} vision tower, random init, float32; experts = base + seeded low-rank task vectors")
+    print(f"Models: open_clip {ARCH.arch} vision tower, random init, float32; experts = base + seeded low-rank task vectors; "
+          f"torch threads per worker: {res['threads'] or 'default'}")
     print(fmt_table(
         ["group", "blocks", "tensors", "params", "size", "largest tensor", "largest", "bound 6x+64MiB"],
         [[g, m["layers"], m["stats"]["n_tensors"], f"{m['stats']['params'] / 1e6:.1f} M", fmt_bytes(m["stats"]["nbytes"]),
@@ -509,6 +520,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wudi-blocks", type=int, default=None, help="residual blocks of the WUDI model (default 1)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile ours (an extra run) when below the speed goal (auto), always or never")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in every worker (default 1: stable on a shared machine; 0 = torch's default)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep workspaces and naive outputs under bench/out/runs/dfcmm/")
     ap.add_argument("--seed", type=int, default=0, help="checkpoint generation seed")

@@ -50,8 +50,8 @@ from common import (  # noqa: E402
     warm,
 )
 
-DEFAULT_MODELS = ("ViT-B-32:visual", "ViT-B-32", "ViT-L-14")
-QUICK_MODELS = ("ViT-B-32",)
+DEFAULT_MODELS = ("ViT-B-32:visual", "ViT-L-14")
+QUICK_MODELS = ("ViT-B-32:visual",)
 EMA_W = 0.5
 TIES_P = 0.8
 TIES_LAMBDA = 1.0

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.helpers import make_open_clip_base, make_expert  # noqa: F401
+from tests.helpers import make_open_clip_base
 
 
 @pytest.fixture

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from mergewatch import config
-from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.strategies.time_policy import DEPLOYS, INITS, valid_combination
 from mergewatch.workspace import Workspace
 from tests.helpers import load_all, make_expert, make_open_clip_base

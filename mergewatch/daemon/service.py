@@ -26,7 +26,7 @@ from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.faults import crash_point
 from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError
 from mergewatch.daemon import sdnotify
-from mergewatch.daemon.inbox import Drop, Inbox, read_sidecar, reject
+from mergewatch.daemon.inbox import Inbox, read_sidecar, reject
 from mergewatch.daemon.ledger import ExpertRow, Ledger
 from mergewatch.daemon.logs import configure_logging, get_logger
 from mergewatch.daemon.metrics import Metrics

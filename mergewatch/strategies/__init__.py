@@ -22,18 +22,6 @@ from mergewatch.strategies.wudi import WUDI
 if TYPE_CHECKING:
     from mergewatch.config import PolicySettings
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    "time": TimePolicy,
-    "opcm": OPCM,
-    "continual_wa": ContinualWeightAverage,
-    "continual_ta": ContinualTaskArithmetic,
-    "continual_ties": ContinualTIES,
-    "continual_magmax": ContinualMagMax,
-    "nufilt": NuFILT,
-    "wudi": WUDI,
-    "metamerge": MetaMerge,
-}
-
 #: deploy name -> strategy class (each declares ``defaults``: its hyper-parameters and defaults)
 METHODS: dict[str, type[Strategy]] = {
     "opcm": OPCM,
@@ -45,6 +33,9 @@ METHODS: dict[str, type[Strategy]] = {
     "wudi": WUDI,
     "metamerge": MetaMerge,
 }
+
+#: every strategy class by name (deploy ft/ema/all are the TIME policy)
+STRATEGIES: dict[str, type[Strategy]] = {"time": TimePolicy, **METHODS}
 
 
 def method_defaults(name: str) -> dict[str, Any]:

@@ -162,8 +162,9 @@ class Strategy:
         raise NotImplementedError
 
     def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        """view -> sink written by a pass, or ``ViewSource.BASE``."""
-        return {"deploy": "deploy", "init": "init"}
+        """view -> sink written by a pass, or ``ViewSource.BASE``. A method that assumes experts
+        fine-tuned from θ0 publishes θ0 itself as the init view."""
+        return {"deploy": "deploy", "init": ViewSource.BASE if self.requires_zs_init else "init"}
 
     def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
         """Shape of tensor ``meta.name`` in ``sink``; ``None`` leaves the name out of that sink.
@@ -174,7 +175,7 @@ class Strategy:
 
     def next_meta(self, ctx: StepContext) -> dict:
         """The JSON state to store after this step (scalars of ``ctx.scalars`` worth keeping)."""
-        return {}
+        return {"t": ctx.t}
 
     def describe(self) -> dict:
         """Name and hyper-parameters, for MANIFEST.json."""

@@ -38,7 +38,6 @@ from mergewatch.strategies.base import (
     Strategy,
     TensorInputs,
     TensorMeta,
-    ViewSource,
 )
 from mergewatch.strategies.techniques import TIES, MergeInputs, PrepPass, is_finite_number, magmax_select
 
@@ -75,12 +74,6 @@ class ContinualBaseline(Strategy):
     # Declarations ------------------------------------------------------------------------------
     def state_sets(self, t: int) -> tuple[str, ...]:
         return (self.state_set,)
-
-    def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        return {"deploy": "deploy", "init": ViewSource.BASE}
-
-    def next_meta(self, ctx: StepContext) -> dict:
-        return {"t": ctx.t}
 
     # The step ----------------------------------------------------------------------------------
     def _check_resume(self, ctx: StepContext) -> None:

@@ -71,7 +71,6 @@ from mergewatch.strategies.base import (
     Strategy,
     TensorInputs,
     TensorMeta,
-    ViewSource,
 )
 from mergewatch.strategies.nino import (
     DEFAULT_CHUNK_ROWS,
@@ -147,9 +146,6 @@ class MetaMerge(Strategy):
 
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("merged",) if self.fold == "pairwise" and t >= MAX_EXPERTS else ()
-
-    def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        return {"deploy": "deploy", "init": ViewSource.BASE}
 
     def next_meta(self, ctx: StepContext) -> dict:
         return {"t": ctx.t, "mode": self._mode(ctx.t)}

@@ -74,7 +74,6 @@ from mergewatch.strategies.base import (
     Strategy,
     TensorInputs,
     TensorMeta,
-    ViewSource,
 )
 from mergewatch.strategies.techniques import check_choice, is_finite_number
 
@@ -297,12 +296,6 @@ class NuFILT(Strategy):
             keep = meta.role.mergeable and (self.selected(meta) or self.others == "ta")
             return meta.shape if keep else None
         return meta.shape
-
-    def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        return {"deploy": "deploy", "init": ViewSource.BASE}
-
-    def next_meta(self, ctx: StepContext) -> dict:
-        return {"t": ctx.t}
 
     def passes(self, ctx: StepContext) -> list[Pass]:
         return [

@@ -60,7 +60,6 @@ from mergewatch.strategies.base import (
     Strategy,
     TensorInputs,
     TensorMeta,
-    ViewSource,
 )
 from mergewatch.strategies.techniques import is_finite_number, per_block
 
@@ -138,9 +137,6 @@ class OPCM(Strategy):
     # Declarations ------------------------------------------------------------------------------
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("S",)
-
-    def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        return {"deploy": "deploy", "init": ViewSource.BASE}
 
     def next_meta(self, ctx: StepContext) -> dict:
         s = ctx.scalars

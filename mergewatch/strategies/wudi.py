@@ -57,7 +57,6 @@ from mergewatch.strategies.base import (
     Strategy,
     TensorInputs,
     TensorMeta,
-    ViewSource,
 )
 from mergewatch.strategies.techniques import check_choice, is_finite_number, per_block
 
@@ -186,12 +185,6 @@ class WUDI(Strategy):
         if sink == "mean":
             return None if matrix else meta.shape
         return meta.shape
-
-    def view_sources(self, ctx: StepContext) -> dict[str, str]:
-        return {"deploy": "deploy", "init": ViewSource.BASE}
-
-    def next_meta(self, ctx: StepContext) -> dict:
-        return {"t": ctx.t}
 
     def passes(self, ctx: StepContext) -> list[Pass]:
         fn = self._adam if self.solver == "adam" else self._exact
