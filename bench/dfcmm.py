@@ -27,9 +27,14 @@ vector) over the deploy view, checked against per-method tolerances (``TOL``).
 Peak memory = private (anonymous) memory above the worker's idle baseline after imports (DESIGN §4);
 RSS beside it. Bound (the foundation issue): 6 × largest tensor + 64 MiB.
 
-    python bench/dfcmm.py            # full run: 4 blocks for OPCM/NuFILT, 1 block for WUDI (~15 min)
+    python bench/dfcmm.py            # full run: the whole ViT-B/32 tower (12 blocks) for OPCM/NuFILT,
+                                     # 1 block for WUDI (its Adam costs ~50 s per block per implementation)
     python bench/dfcmm.py --quick    # 1 block, no WUDI-Adam (< 3 min)
-    python bench/dfcmm.py --methods opcm nufilt-full --blocks 12
+    python bench/dfcmm.py --methods opcm nufilt-full --blocks 4 --threads 2
+
+Every worker runs torch with ``--threads`` threads (default 1: on a shared, oversubscribed machine
+two MKL threads per process made float64 SVDs up to 10x slower and the timings meaningless); CPU
+seconds are printed beside wall seconds.
 """
 
 from __future__ import annotations
@@ -99,10 +104,15 @@ def _settings(args: dict):
 
 
 def _threads(args: dict) -> None:
+    """Set the torch thread count, and pay torch.optim's one-time lazy import before the baseline:
+    the first optimizer imports torch._dynamo (sympy, ~900 modules, ~76 MiB of private memory),
+    a cost of the process, not of a merge step (a daemon pays it once)."""
     import torch
 
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
+    p = torch.zeros(1, requires_grad=True)
+    torch.optim.Adam([p], lr=1e-3, foreach=False)
 
 
 def worker_setup(args: dict, meter) -> dict:
@@ -516,7 +526,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 block for every method and no wudi-adam (< 3 min)")
     ap.add_argument("--methods", nargs="+", choices=list(CASES), default=None)
-    ap.add_argument("--blocks", type=int, default=None, help="residual blocks of the OPCM/NuFILT model (default 4; 12 = full ViT-B/32)")
+    ap.add_argument("--blocks", type=int, default=None, help="residual blocks of the OPCM/NuFILT model (default 12 = the full ViT-B/32 tower)")
     ap.add_argument("--wudi-blocks", type=int, default=None, help="residual blocks of the WUDI model (default 1)")
     ap.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                     help="profile ours (an extra run) when below the speed goal (auto), always or never")
@@ -530,7 +540,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     if ns.methods is None:
         ns.methods = [c for c in CASES if not (ns.quick and c == "wudi-adam")]
-    ns.blocks = ns.blocks or (1 if ns.quick else 4)
+    ns.blocks = ns.blocks or (1 if ns.quick else 12)
     ns.wudi_blocks = ns.wudi_blocks or 1
     t0 = time.perf_counter()
     res = run(ns)

@@ -19,8 +19,10 @@ import json
 import os
 import shutil
 import struct
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,19 @@ from mergewatch.checkpoint.reader import DTYPES, TORCH_TO_CODE
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+#: Tensors at least this large are hashed on helper threads while they are written (see ``write``).
+PARALLEL_HASH_BYTES = 1 << 20
+_HASH_POOL: ThreadPoolExecutor | None = None
+_HASH_POOL_LOCK = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    global _HASH_POOL
+    with _HASH_POOL_LOCK:
+        if _HASH_POOL is None:
+            _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergewatch-hash")
+        return _HASH_POOL
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,13 @@ class CheckpointWriter:
             self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._shards = shards
         self._shard_of = {s.name: i for i, sh in enumerate(shards) for s in sh}
+        self._headers = [_header_bytes(sh, self.metadata if len(shards) == 1 else None) for sh in shards]
+        self._offset: dict[str, int] = {}  # absolute byte offset of each tensor in its shard file
+        for i, sh in enumerate(shards):
+            off = len(self._headers[i])
+            for sp in sh:
+                self._offset[sp.name] = off
+                off += sp.nbytes
         self._pos = 0
         self._cur = -1
         self._fh = None
@@ -144,7 +166,7 @@ class CheckpointWriter:
         self._cur = i
         self._fh = open(self.directory / self._names[i], "wb")
         self._sha = hashlib.sha256()
-        self._emit(_header_bytes(self._shards[i], self.metadata if len(self._shards) == 1 else None))
+        self._emit(self._headers[i])
 
     def _emit(self, data) -> None:
         self._fh.write(data)
@@ -173,9 +195,72 @@ class CheckpointWriter:
         if shard != self._cur:
             self._open_shard(shard)
         data = tensor_bytes(tensor)
-        self._emit(data)
-        self._content.add(name, TORCH_TO_CODE[spec.dtype], spec.shape, data)
+        code = TORCH_TO_CODE[spec.dtype]
+        if len(data) >= PARALLEL_HASH_BYTES:
+            # Every byte goes through two sha256 streams (the file's, for MANIFEST.json, and the
+            # content hash) besides the write itself; hashlib releases the GIL, so both hashes run
+            # on helper threads while this thread copies the bytes into the file. The next update
+            # of either hash waits for this one (results are joined before returning), so the
+            # streams see exactly the same byte order as the sequential code.
+            pool = _hash_pool()
+            file_hash = pool.submit(self._sha.update, data)
+            content_hash = pool.submit(self._content.add, name, code, spec.shape, data)
+            try:
+                self._fh.write(data)
+                self.bytes_written += len(data)
+            finally:
+                file_hash.result()
+                content_hash.result()
+        else:
+            self._emit(data)
+            self._content.add(name, code, spec.shape, data)
         self._pos += 1
+
+    @property
+    def layout_key(self) -> tuple:
+        """Equal for two writers exactly when their files would be byte-identical given the same
+        tensors: same specs, shard plan and metadata."""
+        return (tuple(self.specs), tuple(self._headers), tuple(self._names))
+
+    @property
+    def position(self) -> int:
+        """How many tensors have been written."""
+        return self._pos
+
+    def read_back(self, name: str) -> torch.Tensor:
+        """A tensor this writer has already written, read back from its (possibly unfinished) file."""
+        i = self._shard_of[name]
+        spec = next(sp for sp in self._shards[i] if sp.name == name)
+        if self.specs.index(spec) >= self._pos:
+            raise ValueError(f"writer: tensor '{name}' has not been written yet")
+        if i == self._cur and self._fh is not None:
+            self._fh.flush()
+        raw = torch.empty(spec.nbytes, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        got = 0
+        with open(self.directory / self._names[i], "rb", buffering=0) as f:
+            f.seek(self._offset[name])
+            while got < spec.nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise OSError(f"writer: short read back of '{name}' from {self._names[i]}")
+                got += k
+        return raw.view(spec.dtype).reshape(spec.shape)
+
+    def adopt(self, leader: "CheckpointWriter") -> dict[str, str]:
+        """Finish this (still empty) writer as a copy of ``leader``, which has been closed after
+        receiving the tensors this one should have received: its files are hard-linked, not
+        rewritten. Only valid when both have the same ``layout_key``."""
+        if self._pos or self._fh is not None:
+            raise ValueError("writer: adopt() needs a writer that has not written anything")
+        if leader.layout_key != self.layout_key or leader.content_sha256 is None:
+            raise ValueError("writer: adopt() needs a closed leader with the same layout")
+        for fname in leader.files:
+            os.link(leader.directory / fname, self.directory / fname)
+        self._pos = len(self.specs)
+        self.files = dict(leader.files)
+        self.content_sha256 = leader.content_sha256
+        return dict(self.files)
 
     def close(self) -> dict[str, str]:
         if self._pos != len(self.specs):

@@ -112,6 +112,19 @@ def run_step(
                     specs.append(TensorSpec(n, metas[n].dtype if sink in VIEWS else _state_dtype(metas[n]), tuple(shape)))
             writers[sink] = CheckpointWriter(d, specs, shard_bytes=shard_bytes)
             shapes[sink] = {sp.name: sp.shape for sp in specs}
+        # Sinks that receive the very same tensors (TIME's init = deploy = ema on a float32 base)
+        # are written once: a follower only mirrors its leader (same file layout) while every
+        # tensor it gets is the leader's tensor object, and gets hard links to the leader's files
+        # at the end. If a follower ever gets a different tensor, it is materialised on the spot
+        # (the tensors so far read back from the leader's file) and written normally from then on.
+        mirror: dict[str, str] = {}
+        leaders: dict[tuple, str] = {}
+        for sink, w in writers.items():
+            key = w.layout_key
+            if key in leaders:
+                mirror[sink] = leaders[key]
+            else:
+                leaders[key] = sink
         totals: dict[str, torch.Tensor] = {}
         want_all = "experts" in p.reads
         want_state = "state" in p.reads
@@ -121,7 +134,7 @@ def run_step(
             if not meta.role.mergeable:
                 frozen = base[name]
                 for sink, w in writers.items():
-                    if name in shapes[sink]:
+                    if name in shapes[sink] and sink not in mirror:
                         w.write(name, frozen)
                 continue
             inputs = TensorInputs(
@@ -139,6 +152,7 @@ def run_step(
                     f"{strategy.name}/{p.name}: '{name}' produced sinks {sorted(out.tensors)}, expected {sorted(expected)}"
                 )
             checked: set[int] = set()  # views and state often share one tensor: check it once
+            cast: dict[str, torch.Tensor] = {}
             for sink, tensor in out.tensors.items():
                 if tuple(tensor.shape) != shapes[sink][name]:
                     raise StrategyError(
@@ -148,8 +162,20 @@ def run_step(
                     if not all_finite(tensor):
                         raise StrategyError(f"{strategy.name}/{p.name}: non-finite values in '{name}' -> {sink}")
                     checked.add(id(tensor))
-                w = writers[sink]
-                w.write(name, tensor.to(meta.dtype if sink in VIEWS else _state_dtype(meta)))
+                cast[sink] = tensor.to(meta.dtype if sink in VIEWS else _state_dtype(meta))
+            for sink, tensor in cast.items():  # leaders and diverged followers first
+                if sink not in mirror:
+                    writers[sink].write(name, tensor)
+            for sink, leader in list(mirror.items()):
+                if sink not in cast or cast[sink] is cast[leader]:
+                    continue
+                w, lw = writers[sink], writers[leader]
+                while w.specs[w.position].name != name:  # catch up on what was mirrored so far
+                    prior = w.specs[w.position].name
+                    w.write(prior, lw.read_back(prior))
+                w.write(name, cast[sink])
+                del mirror[sink]
+            del cast
             for k, v in out.stats.items():
                 v = v.detach().to(torch.float64)
                 totals[k] = totals[k] + v if k in totals else v.clone()
@@ -159,7 +185,10 @@ def run_step(
             if progress:
                 progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
         for sink, w in writers.items():
-            w.close()
+            if sink in mirror:
+                w.adopt(writers[mirror[sink]])  # leaders come first in ``writers``: already closed
+            else:
+                w.close()
             bytes_written += w.bytes_written
             hashes[sink] = (w.content_sha256, dict(w.files))
             written[sink] = LazyCheckpoint(sink_path(out_dir, sink))

@@ -35,7 +35,8 @@ Decisions and choices where the spec leaves room (tested in ``tests/test_nufilt.
   stores nothing for them; ``others = "ta"`` keeps the running average of the experts,
   W^m_t = ((t − 1)·W^m_{t−1} + θ_t) / t (W^m_1 = θ_1), i.e. θ0 + mean(τ_1..τ_t): the continual weight
   average of SPEC §3.4 (task arithmetic with λ = 1/t), computed with exactly that formula in float32.
-* **SVDs** run in float64 on the float32 tensors. ``svd = "full"`` (default) is a thin LAPACK SVD;
+* **SVDs** run in float64 on the float32 tensors. ``svd = "full"`` (default) is a thin LAPACK SVD
+  (of xᵀ for a wide x, of the R of x = QR for a tall one: the same σ and V, U is never formed);
   ``svd = "randomized"`` is a seeded randomized range finder (Halko, Martinsson & Tropp 2011,
   Alg. 4.4: Gaussian test matrix of k + max(10, k/2) columns, 6 QR-stabilised power iterations, then
   the SVD of the small projected matrix), seeded from ``ctx.generator(layer, "nufilt-svd-…")``; it
@@ -101,6 +102,16 @@ def _numerical_rank_keep(s: torch.Tensor, shape: Sequence[int]) -> int:
     return int((s > tol).sum())
 
 
+def _thin_svd_right(x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ and Vᵀ of the thin SVD x = U Σ Vᵀ (float64). A wide x is decomposed as xᵀ = V Σ Uᵀ:
+    LAPACK is much faster on the tall orientation."""
+    if x64.shape[0] < x64.shape[1]:
+        v, s, _ = torch.linalg.svd(x64.T, full_matrices=False)
+        return s, v.T
+    _, s, vh = torch.linalg.svd(x64, full_matrices=False)
+    return s, vh
+
+
 def top_right_singular_vectors(
     x: torch.Tensor, k: int, method: str = "full", generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -117,7 +128,9 @@ def top_right_singular_vectors(
         return x64.new_zeros((n, 0))
     l = k + max(10, k // 2)
     if method == "full" or l >= min(m, n):
-        _, s, vh = torch.linalg.svd(x64, full_matrices=False)
+        if m >= 2 * n:  # x = QR has the σ and V of R: Q and U are never formed (about half the time)
+            x64 = torch.linalg.qr(x64, mode="r")[1]
+        s, vh = _thin_svd_right(x64)
     elif method == "randomized":
         if generator is None:
             raise ValueError("nufilt: the randomized SVD needs a seeded generator")

@@ -87,14 +87,26 @@ def project_update(tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torc
     d64 = delta.to(torch.float64)
     if not bool((d64 != 0).any()):
         return tau.to(torch.float32).clone()
-    u, s, vh = torch.linalg.svd(d64, full_matrices=False)
+    if d64.shape[0] < d64.shape[1]:
+        # LAPACK's SVD is markedly faster on the tall orientation: Δᵀ = V Σ Uᵀ gives the same factors
+        v, s, uh = torch.linalg.svd(d64.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(d64, full_matrices=False)
+    del d64
     r = projection_rank(s, alpha)
-    t64 = tau.to(torch.float64)
-    q = u.T @ t64 @ vh.T  # p × p
-    rmat = torch.diag_embed(torch.diagonal(q))
-    if r > 0:
-        rmat[:r, :r] = q[:r, :r]
-    return (t64 - u @ rmat @ vh).to(torch.float32)
+    # Only the entries of Q = Uᵀ τ V that R keeps are formed, and U R Vᵀ is subtracted in place:
+    # U R Vᵀ = U diag(Q) Vᵀ + U_r (Q_r − diag(Q_r)) V_rᵀ (Q_r: the top-left r × r block).
+    out = tau.to(torch.float64, copy=True)  # becomes τ − U R Vᵀ
+    tv = out @ vh.T  # τ V (d_out × p)
+    q_top = u[:, :r].T @ tv[:, :r] if r > 0 else None
+    q_diag = tv.mul_(u).sum(dim=0)  # Q_kk = u_kᵀ τ v_k for all p pairs
+    del tv
+    out.addmm_(u, q_diag[:, None] * vh, alpha=-1.0)
+    if q_top is not None:
+        q_top.diagonal().zero_()
+        out.addmm_(u[:, :r], q_top @ vh[:r], alpha=-1.0)
+    return out.to(torch.float32)
 
 
 def opcm_update(role: TensorRole, tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -108,8 +120,8 @@ def opcm_update(role: TensorRole, tau: torch.Tensor, delta: torch.Tensor, alpha:
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    t64 = t.to(torch.float64)
-    return (t64 * t64).sum()
+    t64 = t.reshape(-1).to(torch.float64)
+    return torch.dot(t64, t64)  # Σ t² in float64 without a squared temporary
 
 
 class OPCM(Strategy):
