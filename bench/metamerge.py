@@ -80,7 +80,7 @@ def worker_ours(args: dict, meter) -> dict:
             "policy": strategy.describe()}
 
 
-def _type_index(name: str, shape) -> "torch.Tensor":
+def _type_index(name: str, shape):
     """Per-element NiNo type id (METAMERGE §4.3), written out independently of mergewatch."""
     import torch
 

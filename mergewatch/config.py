@@ -147,12 +147,14 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
 
 # Policy ----------------------------------------------------------------------------------------
 
+#: method hyper-parameters that are file paths (resolved relative to the config file)
+PATH_PARAMS = ("checkpoint",)
 TIME_KEYS = {"w": float, "ema_seed": str, "lambda": float, "weights": str, "include_base": bool}
 LINES_KEYS = {"alpha": float, "beta": float, "variant": str, "enabled": bool}
 WEAVING_KEYS = {"pool": str, "include_deltas": bool, "lambdas": list, "enabled": bool}
 
 
-def _policy(data: Any) -> PolicySettings:
+def _policy(data: Any, root: Path | None = None) -> PolicySettings:
     from mergewatch.strategies import METHODS, method_defaults
     from mergewatch.strategies.techniques import TECHNIQUES, recency_weights
     from mergewatch.strategies.time_policy import DEPLOYS, EMA_SEEDS, INITS, valid_combination
@@ -178,6 +180,8 @@ def _policy(data: Any) -> PolicySettings:
                 if k not in defaults:
                     raise ConfigError(f"{where}.{k}", f"unknown key for deploy {deploy!r}; allowed: {', '.join(defaults) or 'none'}")
                 params[k] = _typed_like(f"{where}.{k}", v, defaults[k])
+                if k in PATH_PARAMS and isinstance(params[k], str) and params[k] and root is not None:
+                    params[k] = str(root / params[k])  # relative to the config file, like every path
         for k in tables:
             raise ConfigError(f"policy.{k}", f"unknown table for deploy {deploy!r}")
         settings = PolicySettings(init=init, deploy=deploy, technique="", params=params)
@@ -339,7 +343,7 @@ def parse(data: dict, *, source: Path | None = None) -> Settings:
     host, _, port = metrics.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("metrics.listen", f"expected HOST:PORT, got {metrics.listen!r}")
-    policy = _policy(data.get("policy", {}))
+    policy = _policy(data.get("policy", {}), root)
     return Settings(workspace, base, seed, model, policy, watch, publish, metrics, source)
 
 

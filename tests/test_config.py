@@ -112,3 +112,18 @@ def test_examples_load_and_build(path):
 
 def test_examples_exist():
     assert len(EXAMPLES) >= 4
+
+
+def test_metamerge_checkpoint_path_is_relative_to_the_config(tmp_path):
+    import shutil
+
+    nino = Path(__file__).resolve().parents[1].parent / "shared" / "nino" / "checkpoints" / "nino_mlp.pt"
+    if not nino.is_file():
+        pytest.skip(f"{nino} absent: ../shared/nino/ is not beside this checkout")
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(nino, tmp_path / "cfg" / "nino_mlp.pt")
+    cfg = tmp_path / "cfg" / "mw.toml"
+    cfg.write_text(BASE + "[policy]\ndeploy = 'metamerge'\n[policy.metamerge]\ncheckpoint = 'nino_mlp.pt'\n", "utf-8")
+    s = config.load(cfg)
+    assert s.policy.params["checkpoint"] == str(tmp_path / "cfg" / "nino_mlp.pt")
+    assert build_strategy(s.policy).describe()["checkpoint_sha256"].startswith("34d9ff37")

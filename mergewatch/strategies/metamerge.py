@@ -35,8 +35,7 @@ Parameters (``[policy]`` or ``[policy.metamerge]``):
 
 * ``checkpoint`` (required): local path of a NiNo-MLP checkpoint, ``nino_mlp.pt`` (hidden 128, the
   blog's "meta merge, mlp") or ``nino_mlp_h32.pt``. Loaded with ``torch.load(weights_only=True)``;
-  never downloaded. A relative path is relative to the daemon's working directory (use an absolute
-  path). Its sha256 and the inferred network shape are recorded in MANIFEST.json (``policy``).
+  never downloaded. A relative path is relative to the config file. Its sha256 and the inferred network shape are recorded in MANIFEST.json (``policy``).
 * ``upd_scale`` = 2.5: λ of the residual update (the reference's ViT value; its Qwen script uses 0.3).
 * ``fold`` = ``"none"``: ``"none"`` | ``"pairwise"`` (see t ≥ 5 above).
 * ``slot0`` = ``"chained"``: ``"chained"`` (the reference: slot 0 holds the previous horizon's
