@@ -10,15 +10,17 @@ For each model (open_clip architectures with seeded random init; experts = base 
                    experts, writes deploy.
 * ``naive``        the same formulas on whole state dicts: ``safetensors.torch.load_file`` of every
                    input, compute in memory, ``save_file`` of every output (+ fsync, like ours).
-* ``io floor``     read the same input files, write the same output byte counts, fsync.
+* ``io floor``     read the same input files, write the same output byte counts, fsync (the bytes
+                   ours physically writes; when the engine hard-linked identical outputs, a second
+                   floor writes every output file in full).
 
 Every case runs in a fresh interpreter; peak memory is private (anonymous) memory above that
 process's idle baseline after imports (DESIGN §4), RSS is printed beside it. Goals (the issue):
 peak_private(step) <= 6 x largest tensor + 64 MiB, whatever the model size; step time <= 2 x I/O floor
 for WA/EMA. Results of ours and naive are compared tensor by tensor (max abs diff).
 
-    python bench/streaming.py                 # default models
-    python bench/streaming.py --quick         # ViT-B-32 only
+    python bench/streaming.py                 # ViT-B-32:visual and ViT-L-14 (full CLIP)
+    python bench/streaming.py --quick         # ViT-B-32:visual only
     python bench/streaming.py --models ViT-B-32:visual ViT-L-14
 """
 
@@ -130,7 +132,6 @@ def _fsync(path) -> None:
 
 def worker_naive_wa(args: dict, meter) -> dict:
     """Whole-model EMA step: θ_ema = w θ_2 + (1 − w) θ_ema(1); outputs state, deploy, init."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     out_dir = Path(args["out"])
@@ -239,8 +240,6 @@ def worker_io(args: dict, meter) -> dict:
 
 # Comparison --------------------------------------------------------------------------------------
 def max_abs_diff(a: Path, b: Path) -> float:
-    import torch
-
     from mergewatch.checkpoint.reader import LazyCheckpoint
 
     ca, cb = LazyCheckpoint(a), LazyCheckpoint(b)

@@ -40,7 +40,7 @@ def _check_published(view_dir: Path) -> list[int]:
 
 def test_sigkill_anywhere_loses_nothing_and_repeats_nothing(tmp_path):
     base = make_open_clip_base(tmp_path / "base.safetensors")
-    cfg = write_config(tmp_path, policy=POLICY, publish="keep = 20")
+    cfg = write_config(tmp_path, policy=POLICY, publish="keep = 1000")
     inbox = tmp_path / "ws" / "inbox"
     inbox.mkdir(parents=True)
     pool = iter(range(100))
@@ -106,7 +106,7 @@ def test_sigkill_anywhere_loses_nothing_and_repeats_nothing(tmp_path):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     (ref_dir / "base.safetensors").symlink_to(base)
-    ref_cfg = write_config(ref_dir, policy=POLICY, publish="keep = 20")
+    ref_cfg = write_config(ref_dir, policy=POLICY, publish="keep = 1000")
     ref = Workspace(config.load(ref_cfg))
     for e in experts:
         ref.merge(e)

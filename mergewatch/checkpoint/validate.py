@@ -29,6 +29,18 @@ class ExpertReport:
     nbytes: int
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or ±Inf in ``t``. One min/max reduction (NaN propagates into both, an infinity shows up
+    as the min or the max) instead of ``isfinite(t).all()``, which materialises a bool tensor of
+    t's size and runs ~50x slower on CPU (it dominated a WA step's compute)."""
+    if t.numel() == 0 or not (t.dtype.is_floating_point or t.dtype.is_complex):
+        return True
+    if t.dtype.is_complex:
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def compare_layout(expert: LazyCheckpoint, base: LazyCheckpoint, dtype_policy: str = "float_cast") -> list[str]:
     """Key, shape and dtype mismatches of ``expert`` against ``base`` (headers only, no tensor read)."""
     if dtype_policy not in DTYPE_POLICIES:
@@ -65,7 +77,7 @@ def check_expert(
     for i, name in enumerate(names):
         t = expert[name]
         info = expert.info(name)
-        if t.dtype.is_floating_point and t.numel():
+        if t.dtype.is_floating_point and t.numel() and not all_finite(t):
             bad = ~torch.isfinite(t)
             if bad.any():
                 n_nan = int(torch.isnan(t).sum())
