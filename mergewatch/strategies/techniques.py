@@ -192,29 +192,37 @@ class TaskArithmetic(Technique):
 MERGE_MODES = ("mean", "sum", "max")
 
 
-def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean") -> torch.Tensor:
+def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean", *, consume: bool = False) -> torch.Tensor:
     """TIES steps 2-3 (Yadav et al. 2023, Alg. 1): elected sign γ = sign(Σ_i τ̂_i) per coordinate,
     then combine only the entries whose sign agrees with γ: ``mean`` (sum / number of agreeing
     entries), ``sum``, or ``max`` (the agreeing entry of largest magnitude). A coordinate whose
     elected sign is 0 (no entries, or entries that cancel exactly) gets 0, i.e. stays at θ0
-    (SPEC §1.2: no fallback sign is chosen for such coordinates)."""
-    total = torch.zeros_like(taus[0])
+    (SPEC §1.2: no fallback sign is chosen for such coordinates).
+
+    ``consume=True`` lets it zero the disagreeing entries of ``taus`` in place (the caller owns
+    them): same result, two fewer tensor-sized temporaries per model (streaming memory bound)."""
+    elected = torch.zeros_like(taus[0])
     for t in taus:
-        total += t
-    elected = torch.sign(total)
+        elected += t
+    elected.sign_()
     out = torch.zeros_like(taus[0])
     count = torch.zeros_like(taus[0]) if mode == "mean" else None
     for t in taus:
-        agree = (torch.sign(t) == elected) & (elected != 0)
+        # t·γ > 0 ⇔ sign(t) = γ ≠ 0 (γ ∈ {−1, 0, 1}; t = 0 never agrees)
+        agree = (t * elected) > 0
         if mode == "max":
             cand = torch.where(agree, t, torch.zeros_like(t))
             out = torch.where(cand.abs() > out.abs(), cand, out)
         else:
-            out += torch.where(agree, t, torch.zeros_like(t))
+            if consume:
+                out += t.masked_fill_(~agree, 0.0)
+            else:
+                out += torch.where(agree, t, torch.zeros_like(t))
             if count is not None:
-                count += agree.to(out.dtype)
+                count += agree
+        del agree
     if count is not None:
-        out = out / count.clamp_min(1.0)
+        out.div_(count.clamp_min_(1.0))
     return out
 
 
@@ -227,13 +235,23 @@ def ties_keep_rank(p: float, d: int) -> int:
 def ties_trim(t: torch.Tensor, p: float) -> torch.Tensor:
     """TIES step 1 over the whole of ``t``: zero every entry with |x| below the k-th smallest |x|
     (ties at the threshold are kept, as in the reference ``kthvalue`` / ``>=`` code)."""
+    return ties_trim_(t.clone(), p)
+
+
+def ties_trim_(t: torch.Tensor, p: float) -> torch.Tensor:
+    """``ties_trim`` in place (``t`` is the caller's own tensor). The k-th smallest |x| comes from
+    an in-place partial sort of one |t| copy (numpy's introselect: the same value as
+    ``torch.kthvalue``, without its value and int64 index copies, and much faster)."""
     d = t.numel()
     k = ties_keep_rank(p, d)
     if k <= 0 or d == 0:
-        return t.clone()
-    mag = t.abs()
-    m = torch.kthvalue(mag.reshape(-1), k).values
-    return torch.where(mag >= m, t, torch.zeros_like(t))
+        return t
+    mag = t.abs().reshape(-1)
+    flat = mag.numpy()
+    flat.partition(k - 1)
+    m = float(flat[k - 1])
+    del mag, flat
+    return t.masked_fill_(t.abs() < m, 0.0)
 
 
 class SignElectedMerge(Technique):
@@ -299,9 +317,11 @@ class TIES(SignElectedMerge):
             thr = x.scalars.get("ties.threshold")
             if thr is None or len(thr) != len(taus):
                 raise ValueError(f"{self.name}: trim='global' needs scalars['ties.threshold'] for {len(taus)} models (run the prep passes)")
-            trimmed = [torch.where(t.abs() >= float(m), t, torch.zeros_like(t)) for t, m in zip(taus, thr)]
-            return disjoint_merge(trimmed, mode)
-        return per_block(x.role, lambda *ts: disjoint_merge([ties_trim(t, p) for t in ts], mode), *taus)
+            for t, m in zip(taus, thr):
+                t.masked_fill_(t.abs() < float(m), 0.0)
+            return disjoint_merge(taus, mode, consume=True)
+        # the task vectors are this call's own tensors: trim and merge them in place
+        return per_block(x.role, lambda *ts: disjoint_merge([ties_trim_(t, p) for t in ts], mode, consume=True), *taus)
 
     def prep_passes(self, n_models: int) -> list[PrepPass]:
         if self.params["trim"] != "global":
