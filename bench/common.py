@@ -186,22 +186,15 @@ def write_streamed(path: Path, lay: dict, produce: Callable[[str], "torch.Tensor
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_checkpoints(spec: ModelSpec, n_experts: int = 2, *, seed: int = 0, scale: float = 0.01,
-                       root: Path | None = None, regenerate: bool = False, log=print) -> dict:
-    """Base and ``n_experts`` experts of ``spec`` on disk (generated once, then cached).
-
-    Returns ``{"base": Path, "experts": [Path, ...], "stats": layout_stats}``. Expert ``i`` is
-    ``base + N(0, scale²)`` on every floating tensor, seeded by ``(seed + i, name)``."""
+def _cached_checkpoints(root: Path, lay: dict, stamp_data: dict, n_experts: int, seed: int, regenerate: bool, log,
+                        delta) -> tuple[Path, list[Path]]:
+    """Stream ``base.safetensors`` (``init_tensor``) and ``expert-<i>.safetensors`` = base +
+    ``delta(name, base_tensor, i)`` on floating tensors into ``root``, unless ``recipe.json`` there
+    already equals ``stamp_data`` (then the cached files are reused)."""
     import torch
 
     from mergewatch.checkpoint.reader import LazyCheckpoint
 
-    root = Path(root or OUT_DIR / "models") / spec.key
-    root.mkdir(parents=True, exist_ok=True)
-    lay = layout(spec)
-    stats = layout_stats(lay)
-    recipe = {"version": RECIPE_VERSION, "arch": spec.arch, "tower": spec.tower, "seed": seed, "scale": scale,
-              "nbytes": stats["nbytes"]}
     base = root / "base.safetensors"
     experts = [root / f"expert-{i}.safetensors" for i in range(1, n_experts + 1)]
     stamp = root / "recipe.json"
@@ -209,13 +202,13 @@ def ensure_checkpoints(spec: ModelSpec, n_experts: int = 2, *, seed: int = 0, sc
         cached = json.loads(stamp.read_text())
     except (OSError, ValueError):
         cached = None
-    fresh = regenerate or cached != recipe
+    fresh = regenerate or cached != stamp_data
     if fresh:
         stamp.unlink(missing_ok=True)
     if fresh or not base.is_file():
         t = time.perf_counter()
         write_streamed(base, lay, lambda n: init_tensor(n, *lay[n], seed))
-        log(f"  generated {base.relative_to(REPO)} ({fmt_bytes(stats['nbytes'])}) in {time.perf_counter() - t:.1f} s")
+        log(f"  generated {base.relative_to(REPO)} ({fmt_bytes(layout_stats(lay)['nbytes'])}) in {time.perf_counter() - t:.1f} s")
     ckpt = LazyCheckpoint(base)
     for i, path in enumerate(experts, start=1):
         if fresh or not path.is_file():
@@ -225,11 +218,29 @@ def ensure_checkpoints(spec: ModelSpec, n_experts: int = 2, *, seed: int = 0, sc
                 v = ckpt[n]
                 if not v.dtype.is_floating_point:
                     return v
-                return (v.to(torch.float32) + perturbation(n, v.shape, seed + _i, scale)).to(v.dtype)
+                return (v.to(torch.float32) + delta(n, v, _i)).to(v.dtype)
 
             write_streamed(path, lay, produce)
             log(f"  generated {path.relative_to(REPO)} in {time.perf_counter() - t:.1f} s")
-    stamp.write_text(json.dumps(recipe, indent=1))
+    stamp.write_text(json.dumps(stamp_data, indent=1))
+    return base, experts
+
+
+def ensure_checkpoints(spec: ModelSpec, n_experts: int = 2, *, seed: int = 0, scale: float = 0.01,
+                       root: Path | None = None, regenerate: bool = False, log=print) -> dict:
+    """Base and ``n_experts`` experts of ``spec`` on disk (generated once, then cached).
+
+    Returns ``{"base": Path, "experts": [Path, ...], "stats": layout_stats}``. Expert ``i`` is
+    ``base + N(0, scale²)`` on every floating tensor, seeded by ``(seed + i, name)``."""
+    root = Path(root or OUT_DIR / "models") / spec.key
+    root.mkdir(parents=True, exist_ok=True)
+    lay = layout(spec)
+    stats = layout_stats(lay)
+    recipe = {"version": RECIPE_VERSION, "arch": spec.arch, "tower": spec.tower, "seed": seed, "scale": scale,
+              "nbytes": stats["nbytes"]}
+    base, experts = _cached_checkpoints(
+        root, lay, recipe, n_experts, seed, regenerate, log, lambda n, v, i: perturbation(n, v.shape, seed + i, scale)
+    )
     return {"base": base, "experts": experts, "stats": stats}
 
 
@@ -533,10 +544,6 @@ def ensure_lowrank_checkpoints(spec: ModelSpec, n_experts: int = 3, *, vision: d
     ``seed + i``) of ``layout_with(spec, vision)``, streamed to disk and cached under
     ``bench/out/models/lowrank-<spec>[-L<layers>]/`` while the recipe is unchanged. Returns
     ``{"base": Path, "experts": [Path, ...], "stats": layout_stats, "layout": layout}``."""
-    import torch
-
-    from mergewatch.checkpoint.reader import LazyCheckpoint
-
     lay = layout_with(spec, vision)
     stats = layout_stats(lay)
     suffix = "".join(f"-{k}{v}" for k, v in sorted((vision or {}).items()))
@@ -544,34 +551,9 @@ def ensure_lowrank_checkpoints(spec: ModelSpec, n_experts: int = 3, *, vision: d
     root.mkdir(parents=True, exist_ok=True)
     meta = {"version": 1, "arch": spec.arch, "tower": spec.tower, "vision": vision or {}, "seed": seed,
             "recipe": recipe.as_dict(), "nbytes": stats["nbytes"]}
-    base = root / "base.safetensors"
-    experts = [root / f"expert-{i}.safetensors" for i in range(1, n_experts + 1)]
-    stamp = root / "recipe.json"
-    try:
-        cached = json.loads(stamp.read_text())
-    except (OSError, ValueError):
-        cached = None
-    fresh = regenerate or cached != meta
-    if fresh:
-        stamp.unlink(missing_ok=True)
-    if fresh or not base.is_file():
-        t = time.perf_counter()
-        write_streamed(base, lay, lambda n: init_tensor(n, *lay[n], seed))
-        log(f"  generated {base.relative_to(REPO)} ({fmt_bytes(stats['nbytes'])}) in {time.perf_counter() - t:.1f} s")
-    ckpt = LazyCheckpoint(base)
-    for i, path in enumerate(experts, start=1):
-        if fresh or not path.is_file():
-            t = time.perf_counter()
-
-            def produce(n, _i=i):
-                v = ckpt[n]
-                if not v.dtype.is_floating_point:
-                    return v
-                return (v.to(torch.float32) + lowrank_perturbation(n, v, seed + _i, recipe)).to(v.dtype)
-
-            write_streamed(path, lay, produce)
-            log(f"  generated {path.relative_to(REPO)} in {time.perf_counter() - t:.1f} s")
-    stamp.write_text(json.dumps(meta, indent=1))
+    base, experts = _cached_checkpoints(
+        root, lay, meta, n_experts, seed, regenerate, log, lambda n, v, i: lowrank_perturbation(n, v, seed + i, recipe)
+    )
     return {"base": base, "experts": experts, "stats": stats, "layout": lay}
 
 
