@@ -43,9 +43,17 @@ class Drop:
     def sidecar(self) -> Path | None:
         if self.kind == "dir":
             p = self.path / "meta.json"
-        else:
-            p = self.path.with_name(self.path.name.removesuffix(".safetensors") + ".json")
-        return p if p.is_file() and not p.is_symlink() else None
+            return p if p.is_file() and not p.is_symlink() else None
+        return file_sidecar(self.path)
+
+
+def file_sidecar(path: Path) -> Path | None:
+    """The sidecar ``<name>.json`` beside a file drop (a directory keeps its ``meta.json`` inside,
+    so it travels with the drop and has no separate sidecar to move): None if absent."""
+    if path.is_dir():
+        return None
+    p = path.with_name(path.name.removesuffix(".safetensors") + ".json")
+    return p if p.is_file() and not p.is_symlink() else None
 
 
 def is_ignored(name: str) -> bool:

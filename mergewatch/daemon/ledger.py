@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,10 +174,6 @@ class Ledger:
             self.db.execute(f"UPDATE experts SET {', '.join(sets)} WHERE seq=?", (*args, seq))
             self._event(status, seq, id, step=step, data={"reason": reason} if reason else {})
 
-    def merged_step_of(self, expert_id: str) -> int | None:
-        r = self.db.execute("SELECT step FROM experts WHERE id=? AND status='merged'", (expert_id,)).fetchone()
-        return r[0] if r else None
-
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}
         for r in self.db.execute("SELECT status, COUNT(*) FROM experts GROUP BY status"):
@@ -218,13 +213,6 @@ class Ledger:
     def steps(self, limit: int = 10) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM steps ORDER BY step DESC LIMIT ?", (limit,))]
 
-    def event(self, kind: str, **data) -> None:
-        with self.tx():
-            self._event(kind, data.pop("seq", None), data.pop("expert_id", None), step=data.pop("step", None), version=data.pop("version", None), data=data)
-
-    def events(self, limit: int = 100) -> list[dict]:
-        return [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))]
-
     def _event(self, kind: str, seq, expert_id, *, step=None, version=None, data=None) -> None:
         self.db.execute(
             "INSERT INTO events(ts, kind, expert_seq, expert_id, step, version, data) VALUES (?,?,?,?,?,?,?)",
@@ -255,8 +243,3 @@ def _row(r: sqlite3.Row) -> ExpertRow:
     d = dict(r)
     d["meta"] = json.loads(d.get("meta") or "{}")
     return ExpertRow(**d)
-
-
-def iter_status(ledger: Ledger) -> Iterator[dict]:
-    for e in ledger.experts():
-        yield e.public()

@@ -26,7 +26,7 @@ from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.faults import crash_point
 from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError
 from mergewatch.daemon import sdnotify
-from mergewatch.daemon.inbox import Inbox, read_sidecar, reject
+from mergewatch.daemon.inbox import Inbox, file_sidecar, read_sidecar, reject
 from mergewatch.daemon.ledger import ExpertRow, Ledger
 from mergewatch.daemon.logs import configure_logging, get_logger
 from mergewatch.daemon.metrics import Metrics
@@ -192,7 +192,7 @@ class Daemon:
             return  # committed: recovery on the next tick finishes it
         try:
             if src.exists() or src.is_symlink():
-                reject(src, reason, self.ws.root / "rejected", _sidecar(src))
+                reject(src, reason, self.ws.root / "rejected", file_sidecar(src))
             elif row.id and self.ws.store.has(row.id):
                 reject(self.ws.store.path(row.id), reason, self.ws.root / "rejected")
         except OSError as e2:
@@ -222,10 +222,10 @@ class Daemon:
                 self._reject(row, src, reason, log)
                 return
             sha = report.content_sha256
-            step = self.ledger.merged_step_of(sha)
-            if step is not None or sha in self.ws.merged_ids():
-                step = step or self.ws.merged_ids().index(sha) + 1
-                dest = reject(src, f"duplicate: the same tensor content ({sha}) was merged at step {step}", self.ws.root / "rejected", _sidecar(src))
+            merged = self.ws.merged_ids()  # the committed state is the truth about what is merged
+            if sha in merged:
+                step = merged.index(sha) + 1
+                dest = reject(src, f"duplicate: the same tensor content ({sha}) was merged at step {step}", self.ws.root / "rejected", file_sidecar(src))
                 self.ledger.set_status(row.seq, "duplicate", id=sha, reason=f"duplicate of step {step}", step=step)
                 self.metrics.count_expert("duplicate")
                 log.info("duplicate", expert_id=sha, step=step, moved_to=str(dest))
@@ -249,7 +249,7 @@ class Daemon:
                 log.error("lost")
                 return
             self.ws.store.claim(src, sha, move=True)
-        side = _sidecar(src)
+        side = file_sidecar(src)
         if side is not None:
             side.unlink()  # its content is in the ledger row (meta)
         crash_point("after_claim")
@@ -285,7 +285,7 @@ class Daemon:
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
 
     def _reject(self, row: ExpertRow, src: Path, reason: str, log) -> None:
-        dest = reject(src, reason, self.ws.root / "rejected", _sidecar(src))
+        dest = reject(src, reason, self.ws.root / "rejected", file_sidecar(src))
         self.ledger.set_status(row.seq, "rejected", reason=reason.splitlines()[0][:500])
         self.metrics.count_expert("rejected")
         log.warning("rejected", reason=reason.splitlines()[0][:500], moved_to=str(dest))
@@ -315,13 +315,6 @@ class Daemon:
                 versions = pub.versions()
                 self.metrics.set_version(view, cur, versions[-1] if versions else None)
         self.metrics.set_queue(self.ledger.queue_depth())
-
-
-def _sidecar(src: Path) -> Path | None:
-    if src.is_dir():
-        return None
-    p = src.with_name(src.name.removesuffix(".safetensors") + ".json")
-    return p if p.is_file() else None
 
 
 def _why_not_safetensors(p: Path) -> str:
