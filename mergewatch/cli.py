@@ -162,6 +162,15 @@ def cmd_rollback(args) -> int:
     settings = config.load(args.config)
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     new = pub.rollback(args.version, reason=args.reason)
+    ledger_path = Path(settings.workspace) / "ledger.sqlite"
+    if ledger_path.is_file():  # the ledger is the record of what happened, rollbacks included
+        from mergewatch.daemon.ledger import Ledger
+
+        led = Ledger(ledger_path)
+        try:
+            led.record_version(args.view, new, pub.manifest(new).get("step", 0), note=f"rollback of {args.version}: {args.reason}")
+        finally:
+            led.close()
     print(f"{args.view}: version {args.version} republished as {new} (now current)")
     return 0
 

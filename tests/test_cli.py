@@ -78,10 +78,17 @@ def test_duplicate_and_rollback(tmp_path):
     assert run("merge", "--config", str(cfg), e1, str(tmp_path / "experts" / "x2.safetensors")).returncode == 0
     r = run("merge", "--config", str(cfg), e1)
     assert r.returncode == 0 and "duplicate" in r.stdout
+    from mergewatch.daemon.ledger import Ledger
+
+    Ledger(tmp_path / "ws" / "ledger.sqlite").close()  # as the daemon leaves it
     r = run("rollback", "--config", str(cfg), "1")
     assert r.returncode == 0, r.stderr
     cur = (tmp_path / "ws" / "deploy" / "CURRENT").read_text().split()[0]
     assert cur == "3"
+    led = Ledger(tmp_path / "ws" / "ledger.sqlite", readonly=True)
+    rows = [tuple(r) for r in led.db.execute("SELECT view, version, step, note FROM versions")]
+    led.close()
+    assert rows == [("deploy", 3, 1, "rollback of 1: operator rollback")]
     a, b = load_all(tmp_path / "ws" / "deploy" / "1"), load_all(tmp_path / "ws" / "deploy" / "3")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
