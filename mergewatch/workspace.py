@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,5 +258,3 @@ def _stamp(ckpt: LazyCheckpoint) -> list:
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-
-StepCallback = Callable[[StepOutcome], None]
