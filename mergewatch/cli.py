@@ -1,4 +1,5 @@
-"""Command line: ``mergewatch run | merge | submit | status | rollback | demo`` (DESIGN §3.6).
+"""Command line: ``mergewatch run | merge | submit | status | rollback | promote | eval | report | demo``
+(DESIGN §3.6).
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key), 1 anything else
 (including experts that were rejected in a batch: the others are still merged).
@@ -59,8 +60,111 @@ def expand_experts(paths: list[str]) -> list[Path]:
     return out
 
 
+def _sidecar_meta(path: Path) -> dict:
+    """A batch expert's sidecar (``<name>.json`` beside a file, ``meta.json`` in a directory), or {}."""
+    from mergewatch.daemon.inbox import file_sidecar
+
+    side = (path / "meta.json") if path.is_dir() else file_sidecar(path)
+    if side is None or not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"warning: sidecar {side} unreadable ({e}); ignored", file=sys.stderr)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class BatchEval:
+    """Evaluation in ``mergewatch merge`` (and ``mergewatch eval``): inline, recorded in the ledger
+    like the daemon's, with a table row printed per step and the accuracy matrix written as JSON."""
+
+    def __init__(self, settings, ws, ledger, *, matrix_path: Path | None = None, stream=None):
+        from mergewatch.eval.book import EvalBook
+
+        self.settings = settings
+        self.ws = ws
+        self.book = EvalBook(settings, ledger, ws.publishers)
+        self.matrix_path = matrix_path or Path(settings.workspace) / "accuracy_matrix.json"
+        self.stream = stream or sys.stdout
+        self._header = False
+
+    def run_pending(self, names: dict[int, str]) -> list[dict]:
+        from mergewatch.eval.runner import evaluate_path
+
+        rows = []
+        for job in self.book.pending():
+            t0 = time.monotonic()
+            try:
+                ok, res = True, evaluate_path(self.settings, self.ws.table.name, job.path)
+            except Exception as e:  # noqa: BLE001 - recorded as a failed evaluation, the batch goes on
+                ok, res = False, f"{type(e).__name__}: {e}"
+            row = self.book.record(job, ok, res)
+            if ok and self.book.apply_gate(job, row):
+                self.book.ledger.record_event("promoted", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+            elif row.get("held_back"):
+                self.book.ledger.record_event("held_back", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+            self.print_row(job, row, names.get(job.step, "θ0" if job.step == 0 else ""), time.monotonic() - t0)
+            rows.append(row)
+        self.write_matrix()
+        return rows
+
+    def print_row(self, job, row: dict, expert: str, seconds: float) -> None:
+        tasks = [t.name for t in self.settings.eval.tasks]
+        if not self._header:
+            self._header = True
+            print("step  version  expert                ACC     BWT(den)      " + "  ".join(f"{t[:10]:>10}" for t in tasks), file=self.stream)
+        if row["status"] != "ok":
+            print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  evaluation failed: {row['error']}", file=self.stream)
+            return
+        acc = "-" if row.get("acc") is None else f"{row['acc']:.4f}"
+        bwt = "-" if row.get("bwt") is None else f"{row['bwt']:+.4f}"
+        den = row.get("bwt_denominator", 0)
+        cells = "  ".join(f"{row['tasks'][t]['accuracy']:>10.4f}" for t in tasks)
+        note = f"  HELD BACK: {row['gate_reason']}" if row.get("held_back") else ""
+        print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  {acc:>6}  {bwt:>7}({den})  {cells}{note}", file=self.stream)
+
+    def write_matrix(self) -> None:
+        import os
+
+        doc = self.book.matrix_document()
+        tmp = self.matrix_path.with_name(f".{self.matrix_path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=2), "utf-8")
+        os.replace(tmp, self.matrix_path)
+
+
+def _record_batch_step(ledger, path: Path, res, meta: dict) -> None:
+    """The batch CLI records what it merged in the ledger too (the report and status read it)."""
+    seq = ledger.add_drop(path.name, str(path), res.expert_id, meta)
+    ledger.set_status(seq, "merging", id=res.expert_id)
+    ledger.step_started(res.step, res.expert_id, seq)
+    ledger.step_done(res.step, merge_seconds=res.merge_seconds, versions=res.versions, contents={})
+    ledger.set_status(seq, "merged", step=res.step)
+
+
+def _reconcile_batch(ledger, ws) -> None:
+    """Record steps committed by an earlier batch run that stopped before writing its ledger rows."""
+    from mergewatch.workspace import publish_key
+
+    snap = ws.latest()
+    if snap is None:
+        return
+    known = {e.id for e in ledger.experts("merged")}
+    names = snap.record.get("expert_names", [])
+    for t, sha in enumerate(snap.expert_ids, 1):
+        if sha in known:
+            continue
+        name = names[t - 1] if t - 1 < len(names) else sha[:12]
+        versions = {v: pub.find(publish_key(snap.expert_ids, t)) for v, pub in ws.publishers.items()}
+        seq = ledger.add_drop(name, name, sha, {})
+        ledger.step_started(t, sha, seq)
+        ledger.step_done(t, merge_seconds=0.0, versions=versions, contents={})
+        ledger.set_status(seq, "merged", id=sha, step=t)
+
+
 def cmd_merge(args) -> int:
     from mergewatch import config
+    from mergewatch.daemon.ledger import Ledger
     from mergewatch.workspace import Workspace
 
     settings = config.load(args.config)
@@ -70,29 +174,112 @@ def cmd_merge(args) -> int:
     progress = Progress(enabled=None if not args.quiet else False)
     ws = Workspace(settings, progress=progress)
     ws.recover()
+    ledger = Ledger(ws.root / "ledger.sqlite")
+    _reconcile_batch(ledger, ws)
+    evals = BatchEval(settings, ws, ledger, matrix_path=Path(args.matrix) if args.matrix else None) if settings.eval is not None else None
+    names = {e.step: e.name for e in ledger.experts("merged") if e.step}
     failed = 0
     out = []
-    for i, path in enumerate(experts, 1):
-        print(f"[{i}/{len(experts)}] {path}", file=sys.stderr) if progress.enabled else None
-        try:
-            res = ws.merge(path)
-        except (CheckpointError, IncompatibleExpertError) as e:
-            failed += 1
-            print(f"rejected {path}: {e}", file=sys.stderr)
-            out.append({"path": str(path), "status": "rejected", "reason": str(e)})
-            continue
-        if res.status == "duplicate":
-            print(f"duplicate {path}: expert {res.expert_id[:12]} is already merged; skipped")
-        else:
-            views = ", ".join(
-                f"{v} v{n} -> {ws.publishers[v].root / str(n)}" if n is not None else f"{v} unchanged"
-                for v, n in res.versions.items()
-            )
-            print(f"merged {path} as step {res.step} (expert {res.expert_id[:12]}, {res.seconds:.2f}s): {views}")
-        out.append({"path": str(path), "status": res.status, "id": res.expert_id, "step": res.step, "versions": res.versions})
+    try:
+        if evals is not None:
+            evals.run_pending(names)  # θ0 (and anything an earlier run left unevaluated)
+        for i, path in enumerate(experts, 1):
+            print(f"[{i}/{len(experts)}] {path}", file=sys.stderr) if progress.enabled else None
+            try:
+                res = ws.merge(path)
+            except (CheckpointError, IncompatibleExpertError) as e:
+                failed += 1
+                print(f"rejected {path}: {e}", file=sys.stderr)
+                out.append({"path": str(path), "status": "rejected", "reason": str(e)})
+                continue
+            if res.status == "duplicate":
+                print(f"duplicate {path}: expert {res.expert_id[:12]} is already merged; skipped")
+            else:
+                _record_batch_step(ledger, path, res, _sidecar_meta(path))
+                names[res.step] = path.name
+                views = ", ".join(
+                    f"{v} v{n} -> {ws.publishers[v].root / str(n)}" if n is not None else f"{v} unchanged"
+                    for v, n in res.versions.items()
+                )
+                held = " (held back until evaluated)" if ws.gated else ""
+                print(f"merged {path} as step {res.step} (expert {res.expert_id[:12]}, {res.seconds:.2f}s): {views}{held}")
+                if evals is not None:
+                    evals.run_pending(names)
+            out.append({"path": str(path), "status": res.status, "id": res.expert_id, "step": res.step, "versions": res.versions})
+    finally:
+        ledger.close()
+    if evals is not None:
+        print(f"accuracy matrix: {evals.matrix_path}")
     if args.json:
         print(json.dumps(out, indent=2))
     return 1 if failed else 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluate one published deploy version now (default: current) and record it."""
+    from mergewatch import config
+    from mergewatch.daemon.ledger import Ledger
+    from mergewatch.eval.book import EvalJob
+    from mergewatch.eval.runner import evaluate_path
+    from mergewatch.workspace import Workspace
+
+    settings = config.load(args.config)
+    if settings.eval is None:
+        raise ConfigError("eval", "no [eval] tasks configured: nothing to evaluate with")
+    ws = Workspace(settings)
+    pub = ws.publishers["deploy"]
+    version = args.version if args.version is not None else pub.current()
+    if version is None or version not in pub.versions():
+        raise ConfigError("VERSION", f"deploy version {version} is not published (have {pub.versions()})")
+    ledger = Ledger(ws.root / "ledger.sqlite")
+    try:
+        evals = BatchEval(settings, ws, ledger)
+        step = pub.manifest(version).get("step", 0)
+        job = EvalJob("deploy", version, step, str(pub.path(version)))
+        t0 = time.monotonic()
+        try:
+            ok, res = True, evaluate_path(settings, ws.table.name, job.path)
+        except Exception as e:  # noqa: BLE001 - recorded, reported, exit code 1
+            ok, res = False, f"{type(e).__name__}: {e}"
+        row = evals.book.record(job, ok, res)
+        evals.print_row(job, row, "", time.monotonic() - t0)
+        if args.json:
+            print(json.dumps(row, indent=2))
+    finally:
+        ledger.close()
+    return 0 if row["status"] == "ok" else 1
+
+
+def cmd_promote(args) -> int:
+    """Operator override of the deploy gate: make a published version current."""
+    from mergewatch import config
+    from mergewatch.daemon.ledger import Ledger
+    from mergewatch.deploy.publisher import Publisher
+
+    settings = config.load(args.config)
+    pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
+    before = pub.current()
+    pub.promote(args.version)
+    ledger_path = Path(settings.workspace) / "ledger.sqlite"
+    if ledger_path.is_file():
+        led = Ledger(ledger_path)
+        try:
+            led.record_event("promoted", version=args.version, data={"view": args.view, "by": "operator", "from": before, "reason": args.reason})
+        finally:
+            led.close()
+    print(f"{args.view}: version {args.version} is now current (was {before})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from mergewatch import config
+    from mergewatch.eval.report import write_report
+
+    settings = config.load(args.config)
+    written = write_report(Path(settings.workspace), Path(args.out) if args.out else None)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 def status_data(settings) -> dict:
@@ -119,6 +306,17 @@ def status_data(settings) -> dict:
             data["counts"] = led.counts()
             data["experts"] = [e.public() for e in led.experts()]
             data["steps"] = led.steps(limit=10)
+            if settings.eval is not None:
+                from mergewatch.eval.book import EvalBook
+
+                pubs = {v: Publisher(root / v, keep=settings.publish.keep) for v in ("deploy", "init")}
+                book = EvalBook(settings, led, pubs)
+                data["eval"] = book.status()
+                data["gate"] = {
+                    "max_drop": settings.eval.gate_max_drop,
+                    "held_back": book.held_back(),
+                    "waiting_for_evaluation": book.waiting(),
+                }
         finally:
             led.close()
     else:
@@ -145,6 +343,20 @@ def cmd_status(args) -> int:
     for view in ("deploy", "init"):
         print(f"  {view}: current {data[view]['current']}  versions {data[view]['versions']}")
     print(f"  queue: {data['queue']}")
+    for key, e in (data.get("eval") or {}).items():
+        if e["status"] == "ok":
+            bwt = "-" if e.get("bwt") is None else f"{e['bwt']:+.4f} (1/{e.get('bwt_denominator')})"
+            acc = "-" if e.get("acc") is None else f"{e['acc']:.4f}"
+            held = "  held back: " + e["gate_reason"] if e.get("held_back") else ""
+            print(f"  eval {key:>4}: ACC {acc}  BWT {bwt}{held}")
+        else:
+            print(f"  eval {key:>4}: failed: {e.get('error')}")
+    gate = data.get("gate")
+    if gate and gate["max_drop"] is not None:
+        for h in gate["held_back"]:
+            print(f"  deploy version {h['version']} is held back by the gate: {h['reason']} (override: mergewatch promote {h['version']})")
+        if gate["waiting_for_evaluation"]:
+            print(f"  waiting for evaluation before becoming current: {gate['waiting_for_evaluation']}")
     for e in data["experts"][-20:]:
         step = e["step"] if e["step"] is not None else "-"
         print(f"  step {step:>3}  {e['status']:<9} {(e['id'] or '-')[:12]:<12}  {e['name']}")
@@ -215,7 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("experts", nargs="+", help="expert checkpoints (.safetensors files, sharded dirs, or a folder of them)")
     m.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     m.add_argument("--quiet", action="store_true", help="no progress output even on a terminal")
+    m.add_argument("--matrix", help="where to write the accuracy matrix JSON (default: <workspace>/accuracy_matrix.json)")
     m.set_defaults(func=cmd_merge)
+
+    ev = sub.add_parser("eval", help="evaluate a published deploy version now (default: the current one)")
+    ev.add_argument("--config", required=True)
+    ev.add_argument("version", type=int, nargs="?", help="deploy version (default: current)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("promote", help="make a published version current (overrides the deploy gate)")
+    pr.add_argument("--config", required=True)
+    pr.add_argument("version", type=int)
+    pr.add_argument("--view", choices=("deploy", "init"), default="deploy")
+    pr.add_argument("--reason", default="operator promote")
+    pr.set_defaults(func=cmd_promote)
+
+    rp = sub.add_parser("report", help="write a Markdown + HTML report with plots from the ledger")
+    rp.add_argument("--config", required=True)
+    rp.add_argument("--out", help="output directory (default: <workspace>/report)")
+    rp.set_defaults(func=cmd_report)
 
     s = sub.add_parser("status", help="current versions and merged experts")
     s.add_argument("--config", required=True)

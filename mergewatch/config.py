@@ -79,6 +79,7 @@ class Settings:
     publish: PublishSettings = field(default_factory=PublishSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None  # the file it was loaded from
+    eval: Any = None  # mergewatch.eval.settings.EvalSettings, or None when no [eval] tasks are configured
 
 
 # Typed value checks -----------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def _build_check(policy: PolicySettings) -> None:
 
 # Loading ---------------------------------------------------------------------------------------
 
-TOP_KEYS = ("workspace", "base", "seed", "model", "policy", "watch", "publish", "metrics")
+TOP_KEYS = ("workspace", "base", "seed", "model", "policy", "watch", "publish", "metrics", "eval")
 
 
 def parse(data: dict, *, source: Path | None = None) -> Settings:
@@ -344,7 +345,10 @@ def parse(data: dict, *, source: Path | None = None) -> Settings:
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("metrics.listen", f"expected HOST:PORT, got {metrics.listen!r}")
     policy = _policy(data.get("policy", {}), root)
-    return Settings(workspace, base, seed, model, policy, watch, publish, metrics, source)
+    from mergewatch.eval.settings import parse_eval
+
+    evaluation = parse_eval(data.get("eval"), root, base)
+    return Settings(workspace, base, seed, model, policy, watch, publish, metrics, source, evaluation)
 
 
 def load(path: str | Path) -> Settings:

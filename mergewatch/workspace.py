@@ -68,6 +68,12 @@ class Workspace:
         self.publishers = {v: Publisher(self.root / v, keep=settings.publish.keep) for v in VIEWS}
         self._base_sha: str | None = None
 
+    @property
+    def gated(self) -> bool:
+        """A deploy gate is configured: publishing a deploy version does not make it current."""
+        ev = getattr(self.settings, "eval", None)
+        return ev is not None and ev.gate_max_drop is not None
+
     # Identity ---------------------------------------------------------------------------------
     @property
     def base_sha256(self) -> str:
@@ -181,7 +187,6 @@ class Workspace:
         """Publish both views of committed step ``t`` (idempotent: keyed by step and experts)."""
         snap = self.states.load(t)
         out: dict[str, int | None] = {}
-        step_key = hashlib.sha256("\n".join(snap.expert_ids).encode()).hexdigest()[:16]
         for view in VIEWS:
             info = snap.record["views"][view]
             pub = self.publishers[view]
@@ -192,7 +197,7 @@ class Workspace:
             else:
                 d = snap.view_dir(view)
                 files = {f.name: d / f.name for f in sorted(d.iterdir()) if f.is_file()}
-                content, step, key = info["content_sha256"], t, f"step-{t}-{step_key}"
+                content, step, key = info["content_sha256"], t, publish_key(snap.expert_ids, t)
                 file_hashes = info["files"]
             existing = pub.find(key)
             if existing is not None:
@@ -216,7 +221,8 @@ class Workspace:
             }
             if file_hashes is not None:
                 manifest["files"] = dict(file_hashes)
-            out[view] = pub.publish(files, manifest, key=key)
+            # With a deploy gate, a new deploy version becomes current only after its evaluation.
+            out[view] = pub.publish(files, manifest, key=key, make_current=not (view == "deploy" and self.gated))
             crash_point("mid_publish")
         return out
 
@@ -240,6 +246,11 @@ class Workspace:
         self.store.retain(need)
         for pub in self.publishers.values():
             pub.retain()
+
+
+def publish_key(expert_ids: list[str], t: int) -> str:
+    """The publish key of step ``t``'s versions (keyed by step and the experts merged so far)."""
+    return f"step-{t}-{hashlib.sha256(chr(10).join(expert_ids[:t]).encode()).hexdigest()[:16]}"
 
 
 def _checkpoint_files(ckpt: LazyCheckpoint) -> dict[str, Path]:

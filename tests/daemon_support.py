@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp: Path, *, policy='init = "ema"\ndeploy = "ema"', watch="", publish="keep = 10", port: int | None = None) -> Path:
+def write_config(tmp: Path, *, policy='init = "ema"\ndeploy = "ema"', watch="", publish="keep = 10", port: int | None = None, extra: str = "") -> Path:
     port = port or free_port()
     cfg = tmp / "mw.toml"
     cfg.write_text(
@@ -31,7 +31,7 @@ def write_config(tmp: Path, *, policy='init = "ema"\ndeploy = "ema"', watch="", 
         f"[policy]\n{policy}\n"
         f"[watch]\nquiet_seconds = 0.5\nrescan_seconds = 1.0\n{watch}\n"
         f"[publish]\n{publish}\n"
-        f'[metrics]\nlisten = "127.0.0.1:{port}"\n',
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n{extra}',
         "utf-8",
     )
     return cfg

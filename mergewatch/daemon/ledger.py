@@ -210,8 +210,47 @@ class Ledger:
             )
             self._event("version", None, None, step=step, version=version, data={"view": view, "note": note})
 
+    def record_event(self, kind: str, *, step: int | None = None, version: int | None = None, data: dict | None = None) -> None:
+        """Append an event that belongs to no expert row (deploy gate decisions, promotions)."""
+        with self.tx():
+            self._event(kind, None, None, step=step, version=version, data=data)
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        q = "SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id"
+        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in self.db.execute(q, (kind,) if kind else ())]
+
     def steps(self, limit: int = 10) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM steps ORDER BY step DESC LIMIT ?", (limit,))]
+
+    # Evaluations ----------------------------------------------------------------------------
+    def add_evaluation(self, view: str, version: int, step: int | None, metrics: dict) -> int:
+        """Record one evaluation of a published version (issue 9); returns the row id.
+
+        ``metrics`` is stored as JSON (the evaluation-row schema of the eval contract); an
+        ``evaluated`` event carries the view, status and ACC so the event log alone tells the story.
+        """
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO evaluations(view, version, step, metrics, created_at) VALUES (?,?,?,?,?)",
+                (view, version, step, json.dumps(metrics), time.time()),
+            )
+            row_id = cur.lastrowid
+            data = {"view": view, "evaluation": row_id, "status": metrics.get("status"), "acc": metrics.get("acc")}
+            self._event("evaluated", None, None, step=step, version=version, data=data)
+        return row_id
+
+    def evaluations(self, view: str | None = None) -> list[dict]:
+        """Every evaluation row (of one view, or all), ordered by id, ``metrics`` decoded from JSON.
+
+        Rows are never updated: a retry is a new row, and the latest row per (view, version) wins.
+        """
+        q = "SELECT * FROM evaluations" + (" WHERE view=?" if view else "") + " ORDER BY id"
+        out = []
+        for r in self.db.execute(q, (view,) if view else ()):
+            d = dict(r)
+            d["metrics"] = json.loads(d["metrics"])
+            out.append(d)
+        return out
 
     def _event(self, kind: str, seq, expert_id, *, step=None, version=None, data=None) -> None:
         self.db.execute(

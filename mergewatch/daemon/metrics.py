@@ -22,7 +22,10 @@ Exposed metrics (``mergewatch_`` omitted)::
     evaluate_duration_seconds          histogram  one evaluation of a published version
     drop_to_publish_seconds            histogram  drop seen in the inbox -> its step published
     last_success_timestamp_seconds     gauge      Unix time of the last published step
-    acc{policy} / bwt{policy}          gauge      latest ACC / BWT of the accuracy matrix (SPEC eval)
+    acc{policy} / bwt{policy}          gauge      ACC / BWT of the current deploy version (SPEC §5)
+    evaluations_total{outcome}         counter    ok | failed evaluation attempts
+    deploy_held_back{policy}           gauge      published deploy versions the gate holds back now
+    gate_held_back_total               counter    versions the deploy gate held back
     job_failures_total{job}            counter    exceptions raised by a scheduler job
     build_info{version, policy}        info       constant 1
     process_*                          (namespaced mergewatch_process_*) CPU, memory, fds of the process
@@ -45,6 +48,7 @@ NAMESPACE = "mergewatch"
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
 OUTCOMES = ("merged", "rejected", "duplicate")
+EVAL_OUTCOMES = ("ok", "failed")
 VIEWS = ("deploy", "init")
 DEFAULT_JOBS = ("rescan", "retention", "heartbeat", "evaluate")
 
@@ -114,6 +118,15 @@ class Metrics:
         )
         self.acc = Gauge("acc", "Average accuracy (ACC) of the latest evaluation.", ["policy"], namespace=ns, registry=r)
         self.bwt = Gauge("bwt", "Backward transfer (BWT) of the latest evaluation.", ["policy"], namespace=ns, registry=r)
+        self.evaluations_total = Counter(
+            "evaluations", "Evaluation attempts of published versions, by outcome.", ["outcome"], namespace=ns, registry=r
+        )
+        self.deploy_held_back = Gauge(
+            "deploy_held_back", "Published deploy versions the deploy gate currently holds back.", ["policy"], namespace=ns, registry=r
+        )
+        self.gate_held_back_total = Counter(
+            "gate_held_back", "Deploy versions held back by the deploy gate.", namespace=ns, registry=r
+        )
         self.job_failures_total = Counter(
             "job_failures", "Exceptions raised by scheduled housekeeping jobs.", ["job"], namespace=ns, registry=r
         )
@@ -129,6 +142,9 @@ class Metrics:
             self.latest_version.labels(view=view)
         for job in self.jobs:
             self.job_failures_total.labels(job=job)
+        for outcome in EVAL_OUTCOMES:
+            self.evaluations_total.labels(outcome=outcome)
+        self.deploy_held_back.labels(policy=policy)
         # ACC/BWT exist only once something was evaluated: a 0 would read as "accuracy dropped to 0".
 
     # Updates ----------------------------------------------------------------------------------
@@ -170,6 +186,15 @@ class Metrics:
             self.acc.labels(policy=name).set(acc)
         if bwt is not None:
             self.bwt.labels(policy=name).set(bwt)
+
+    def count_evaluation(self, outcome: str) -> None:
+        self.evaluations_total.labels(outcome=_check("outcome", outcome, EVAL_OUTCOMES)).inc()
+
+    def count_held_back(self) -> None:
+        self.gate_held_back_total.inc()
+
+    def set_held_back(self, n: int) -> None:
+        self.deploy_held_back.labels(policy=self.policy).set(n)
 
     def count_job_failure(self, job: str) -> None:
         self.job_failures_total.labels(job=_check("job", job, self.jobs)).inc()

@@ -32,6 +32,7 @@ from mergewatch.daemon.logs import configure_logging, get_logger
 from mergewatch.daemon.metrics import Metrics
 from mergewatch.daemon.scheduler import ProgressHeartbeat, make_scheduler
 from mergewatch.daemon.watcher import InboxWatcher
+from mergewatch.eval.book import EvalBook, EvalJob
 from mergewatch.workspace import Workspace
 
 
@@ -60,6 +61,10 @@ class Daemon:
         self.watcher: InboxWatcher | None = None
         self.scheduler = None
         self.server = None
+        # Evaluation (issue 9): a worker process beside the merge loop; results recorded here.
+        self.book = EvalBook(settings, self.ledger, self.ws.publishers) if settings.eval is not None else None
+        self.evals = None
+        self._eval_retry_due = threading.Event()
 
     # Lifecycle ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -75,6 +80,12 @@ class Daemon:
         ]
         if self.heartbeat is not None:
             jobs.append(self.heartbeat.job())
+        if self.book is not None:
+            from mergewatch.daemon.evaluation import EvalWorker
+
+            self.evals = EvalWorker(self.settings, self.ws.table.name)
+            jobs.append(("evaluate", self.settings.eval.retry_seconds, self._eval_retry_job))
+            self._queue_evals()
         self.scheduler = make_scheduler(jobs, metrics=self.metrics, start=True)
         self.inbox.scan()
         self.log.info("ready", workspace=str(self.ws.root), policy=self.policy_name, metrics_port=getattr(self.server, "port", None))
@@ -93,6 +104,8 @@ class Daemon:
         return 0
 
     def shutdown(self) -> None:
+        if self.evals is not None:
+            self.evals.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.scheduler is not None:
@@ -128,10 +141,10 @@ class Daemon:
             self.log.error("reload_failed", error=str(e))
             sdnotify.ready()
             return
-        fixed = ("workspace", "base", "seed", "model", "policy")
+        fixed = ("workspace", "base", "seed", "model", "policy", "eval")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.settings, k)]
         if changed:
-            self.log.error("reload_refused", keys=changed, reason="these settings need a restart with a new workspace")
+            self.log.error("reload_refused", keys=changed, reason="these settings take effect only on a restart (workspace, base, seed, model and policy only with a new workspace)")
         else:
             self.settings = new
             self.inbox.quiet_seconds = new.watch.quiet_seconds
@@ -160,6 +173,7 @@ class Daemon:
 
     def tick(self) -> None:
         self._on_tensor()
+        self._collect_evals()
         for drop in self.inbox.ready():
             if not self.ledger.is_pending_source(drop.name):
                 meta, problem = read_sidecar(drop)
@@ -282,6 +296,9 @@ class Daemon:
         self.metrics.mark_success()
         self._refresh_gauges()
         log.info("merged", versions=outcome.versions, seconds=round(seconds, 3))
+        if self.evals is not None and outcome.versions.get("deploy") is not None:
+            v = outcome.versions["deploy"]
+            self.evals.submit(EvalJob("deploy", v, step, str(self.ws.publishers["deploy"].path(v))))
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
 
     def _reject(self, row: ExpertRow, src: Path, reason: str, log) -> None:
@@ -293,6 +310,52 @@ class Daemon:
     # Jobs -----------------------------------------------------------------------------------
     def _rescan_job(self) -> None:
         self.inbox.scan()
+
+    def _eval_retry_job(self) -> None:
+        # Scheduler thread: ask the main loop to queue failed (or missed) evaluations again.
+        self._eval_retry_due.set()
+        self.inbox.wakeup.set()
+
+    # Evaluation -----------------------------------------------------------------------------
+    def _queue_evals(self) -> None:
+        """Queue every version without a successful evaluation (θ0 first) and settle the gate."""
+        for job in self.book.pending():
+            self.evals.submit(job)
+        for (view, version), r in sorted(self.book.latest_rows().items()):
+            if view == "deploy" and self.book.apply_gate(EvalJob(view, version, r["step"], ""), r["metrics"]):
+                self.log.info("promoted", version=version, reason=r["metrics"].get("gate_reason", ""))
+        self._refresh_gauges()
+
+    def _collect_evals(self) -> None:
+        if self.evals is None:
+            return
+        if self._eval_retry_due.is_set():
+            self._eval_retry_due.clear()
+            self._queue_evals()
+        for job, ok, result, seconds in self.evals.poll():
+            log = self.log.bind(view=job.view, version=job.version, step=job.step)
+            try:
+                row = self.book.record(job, ok, result)
+            except Exception as e:  # noqa: BLE001 - recording must not stop the daemon
+                log.exception("evaluation_record_failed", error=f"{type(e).__name__}: {e}")
+                self.metrics.count_evaluation("failed")
+                continue
+            self.metrics.observe_evaluate(seconds)
+            if row["status"] != "ok":
+                self.metrics.count_evaluation("failed")
+                log.error("evaluation_failed", error=row["error"], attempt=row["attempt"], retries=self.settings.eval.retries)
+                continue
+            self.metrics.count_evaluation("ok")
+            log.info("evaluated", acc=row.get("acc"), bwt=row.get("bwt"), bwt_denominator=row.get("bwt_denominator"),
+                     tasks={k: v["accuracy"] for k, v in row["tasks"].items()}, seconds=round(seconds, 3))
+            if row.get("held_back"):
+                self.metrics.count_held_back()
+                self.ledger.record_event("held_back", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+                log.warning("held_back", reason=row["gate_reason"], current=self.ws.publishers["deploy"].current())
+            elif self.book.apply_gate(job, row):
+                self.ledger.record_event("promoted", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+                log.info("promoted", reason=row["gate_reason"])
+            self._refresh_gauges()
 
     def _retention_job(self) -> None:
         # Runs in a scheduler thread: only ask; the main loop (sole writer) applies it when idle.
@@ -315,6 +378,11 @@ class Daemon:
                 versions = pub.versions()
                 self.metrics.set_version(view, cur, versions[-1] if versions else None)
         self.metrics.set_queue(self.ledger.queue_depth())
+        if self.book is not None:
+            self.metrics.set_held_back(len(self.book.held_back()))
+            row = self.book.latest_rows().get(("deploy", self.ws.publishers["deploy"].current()))
+            if row is not None and row["metrics"].get("status") == "ok":
+                self.metrics.set_eval(acc=row["metrics"].get("acc"), bwt=row["metrics"].get("bwt"))
 
 
 def _why_not_safetensors(p: Path) -> str:

@@ -339,6 +339,15 @@ class Publisher:
             self._set_current(new)
             return new
 
+    def promote(self, version: int) -> None:
+        """Make the published ``version`` current (the deploy gate letting a version through, or an
+        operator overriding it with ``mergewatch promote``). Nothing is republished."""
+        with self._locked():
+            if version not in self.versions():
+                raise PublishError(f"cannot promote version {version}: not published in {self.root} (have {self.versions()})")
+            if not self._pointers_name(version):
+                self._set_current(version)
+
     def write_eval(self, version: int, data: dict) -> Path:
         """Write (or replace) ``<version>/EVAL.json`` atomically: temp file, fsync, rename, fsync dir."""
         try:

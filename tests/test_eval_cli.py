@@ -1,0 +1,88 @@
+"""Evaluation from the command line: `merge` prints a row per step and writes the accuracy matrix;
+`eval` re-evaluates a version; `promote` overrides the gate; `report` works on the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mergewatch.cli import main
+from mergewatch.daemon.ledger import Ledger
+from tests.eval_support import eval_toml, labelled_by_base, write_eval_clip, write_expert
+from tests.helpers import load_all
+
+
+@pytest.fixture
+def batch(tmp_path):
+    base, clip = write_eval_clip(tmp_path)
+    for i, t in enumerate(("t1", "t2")):
+        labelled_by_base(tmp_path, base, clip, t, n=12, seed=i)
+    state = load_all(base)
+    (tmp_path / "experts").mkdir()
+    write_expert(state, tmp_path / "experts" / "a-t1.safetensors", seed=1, scale=0.002)
+    (tmp_path / "experts" / "a-t1.json").write_text(json.dumps({"task": "t1"}))
+    write_expert(state, tmp_path / "experts" / "b-bad.safetensors", seed=2, scale=2.0)
+    (tmp_path / "experts" / "b-bad.json").write_text(json.dumps({"task": "t2"}))
+    write_expert(state, tmp_path / "experts" / "t2.safetensors", seed=3, scale=0.002)
+
+    def config(policy='init = "ft"\ndeploy = "ft"', extra=""):
+        cfg = tmp_path / "mw.toml"
+        cfg.write_text(f'workspace = "ws"\nbase = "base.safetensors"\n[policy]\n{policy}\n' + eval_toml(["t1", "t2"], extra=extra))
+        return cfg
+
+    return tmp_path, config
+
+
+def test_merge_prints_rows_and_writes_the_matrix(batch, capsys):
+    tmp, config = batch
+    cfg = config()
+    assert main(["merge", "--config", str(cfg), str(tmp / "experts"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert [int(line.split()[0]) for line in lines] == [0, 1, 2, 3]  # θ0, then one row per step
+    assert "a-t1.safetensors" in lines[1] and "1.0000" in lines[1]
+    m = json.loads((tmp / "ws" / "accuracy_matrix.json").read_text())
+    assert m["tasks"] == ["t1", "t2"] and m["steps"] == [1, 2, 3]
+    assert m["values"][1][1] < 0.5  # the destroyed expert (deploy ft: the expert itself)
+    assert m["zero_shot"] == {"t1": 1.0, "t2": 1.0}
+    per = {p["step"]: p for p in m["per_step"]}
+    assert per[1]["acc"] == m["values"][0][0] == 1.0  # t2 is evaluated at step 1 but not counted: not trained yet
+    assert per[2]["bwt_denominator"] == 1 and per[3]["acc"] == (m["values"][0][2] + m["values"][1][2]) / 2
+
+    # `eval` again on demand: a new ledger row, EVAL.json replaced
+    assert main(["eval", "--config", str(cfg), "2", "--json"]) == 0
+    led = Ledger(tmp / "ws" / "ledger.sqlite", readonly=True)
+    try:
+        assert len([r for r in led.evaluations() if (r["view"], r["version"]) == ("deploy", 2)]) == 2
+    finally:
+        led.close()
+
+    # the report from the same ledger
+    assert main(["report", "--config", str(cfg)]) == 0
+    md = (tmp / "ws" / "report" / "report.md").read_text()
+    assert "matrix.png" in md and "acc_bwt.png" in md
+
+
+def test_batch_gate_and_promote(batch, capsys):
+    tmp, config = batch
+    cfg = config(extra="gate_max_drop = 0.1")
+    assert main(["merge", "--config", str(cfg), str(tmp / "experts" / "a-t1.safetensors"), str(tmp / "experts" / "b-bad.safetensors"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "HELD BACK" in out
+    cur = (tmp / "ws" / "deploy" / "CURRENT").read_text().split()[0]
+    assert cur == "1" and (tmp / "ws" / "deploy" / "2").is_dir()
+    assert main(["status", "--config", str(cfg)]) == 0
+    st = capsys.readouterr().out
+    assert "deploy version 2 is held back by the gate" in st and "mergewatch promote 2" in st
+    # the operator overrides the gate
+    assert main(["promote", "--config", str(cfg), "2"]) == 0
+    assert (tmp / "ws" / "deploy" / "CURRENT").read_text().split()[0] == "2"
+    led = Ledger(tmp / "ws" / "ledger.sqlite", readonly=True)
+    try:
+        kinds = [e["kind"] for e in led.events()]
+    finally:
+        led.close()
+    assert "held_back" in kinds and kinds.count("promoted") == 2  # version 1 by the gate, 2 by the operator
+    assert main(["promote", "--config", str(cfg), "9"]) == 1  # not published: a clear error
+    assert "cannot promote version 9" in capsys.readouterr().err
