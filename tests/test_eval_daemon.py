@@ -84,22 +84,27 @@ def test_daemon_evaluates_every_published_version(tmp_path):
 
 
 SLOW_PLUGIN = '''
+import pathlib
 import time
 
 def evaluate(model_view, task, settings):
+    marker = pathlib.Path(__file__).with_name("fail_next")
+    if marker.exists():  # one failure on demand: the scheduler must retry it
+        marker.unlink()
+        raise RuntimeError("flaky evaluation")
     time.sleep(6.0)
     return {"accuracy": 0.5, "n": 1}
 '''
 
 
-def test_a_merge_does_not_wait_for_a_slow_evaluation(tmp_path):
+def test_a_merge_does_not_wait_for_a_slow_evaluation_and_failures_are_retried(tmp_path):
     from tests.helpers import make_expert, make_open_clip_base
 
     base = make_open_clip_base(tmp_path / "base.safetensors")
     (tmp_path / "slowplug.py").write_text(SLOW_PLUGIN, "utf-8")
     (tmp_path / "p.jsonl").write_text('{"text": "x", "label": 0}\n', "utf-8")
     (tmp_path / "p.classes.txt").write_text("a\nb\n", "utf-8")
-    extra = '[eval]\nevaluator = "plugin"\nplugin = "slowplug:evaluate"\n[[eval.tasks]]\nname = "p"\ndata = "p.jsonl"\n'
+    extra = '[eval]\nevaluator = "plugin"\nplugin = "slowplug:evaluate"\nretry_seconds = 1.0\n[[eval.tasks]]\nname = "p"\ndata = "p.jsonl"\n'
     cfg = write_config(tmp_path, extra=extra)
     ws = tmp_path / "ws"
     d = DaemonProcess(cfg, env={"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"})
@@ -112,7 +117,16 @@ def test_a_merge_does_not_wait_for_a_slow_evaluation(tmp_path):
         # θ0 is evaluated first (6 s), then version 1 (6 s): version 2 was merged and published meanwhile
         assert not (ws / "deploy" / "1" / "EVAL.json").exists()
         assert _ok(ws, "deploy", 1) is None
-        wait_for(lambda: (ws / "deploy" / "2" / "EVAL.json").is_file(), 120, "evaluation of version 2")
+        (tmp_path / "fail_next").touch()  # the next evaluation to start (θ0's, version 1's or 2's) fails once
+        wait_for(lambda: all((ws / "deploy" / str(v) / "EVAL.json").is_file() for v in (1, 2)), 120, "evaluation of versions 1, 2")
+        wait_for(lambda: _ok(ws, "base", 0), 60, "evaluation of θ0")
+        attempts: dict = {}
+        for r in _evaluations(ws):
+            attempts.setdefault((r["view"], r["version"]), []).append(r["metrics"]["status"])
+        assert sorted(attempts.values()) == [["failed", "ok"], ["ok"], ["ok"]], attempts  # retried by the scheduler
+        text = fetch_metrics(_port(cfg))
+        assert metric_value(text, "mergewatch_evaluations_total", 'outcome="failed"') == 1
+        assert any(line.get("event") == "evaluation_failed" and "flaky" in line.get("error", "") for line in d.lines())
         led = Ledger(ws / "ledger.sqlite", readonly=True)
         try:
             published_2 = {s["step"]: s for s in led.steps()}[2]["published_at"]
