@@ -86,3 +86,59 @@ def test_batch_gate_and_promote(batch, capsys):
     assert "held_back" in kinds and kinds.count("promoted") == 2  # version 1 by the gate, 2 by the operator
     assert main(["promote", "--config", str(cfg), "9"]) == 1  # not published: a clear error
     assert "cannot promote version 9" in capsys.readouterr().err
+
+
+def _merge_and_matrix(tmp, cfg_text: str, experts: list) -> dict:
+    cfg = tmp / "mw.toml"
+    cfg.write_text(cfg_text)
+    assert main(["merge", "--config", str(cfg), *map(str, experts), "--quiet"]) == 0
+    return json.loads((tmp / "ws" / "accuracy_matrix.json").read_text())
+
+
+def test_batch_text_zeroshot_on_a_bert_base(tmp_path, capsys):
+    """text_zeroshot end to end: a tiny random BERT as θ0 (generic role table), texts that are the
+    class prompts themselves, so θ0 classifies every one right (cos = 1 with its own class)."""
+    from tests.test_evaluators import tiny_bert
+
+    model_dir, base, state = tiny_bert(tmp_path)
+    classes = ["alpha", "beta gamma", "red cat", "blue dog runs"]
+    (tmp_path / "t.classes.txt").write_text("\n".join(classes) + "\n")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": c, "label": i}) + "\n" for i, c in enumerate(classes)))
+    experts = [write_expert(state, tmp_path / f"t{i}.safetensors", seed=i, scale=0.001) for i in (1, 2)]
+    (tmp_path / "t1.json").write_text(json.dumps({"task": "t"}))
+    m = _merge_and_matrix(tmp_path, (
+        'workspace = "ws"\nbase = "bert.safetensors"\n[policy]\ninit = "ema"\ndeploy = "ema"\n'
+        '[eval]\nevaluator = "text_zeroshot"\nmodel = "bert"\n[[eval.tasks]]\nname = "t"\ndata = "t.jsonl"\n'), experts)
+    assert m["zero_shot"] == {"t": 1.0} and m["steps"] == [1, 2] and m["tasks"] == ["t"]
+    assert m["values"] == [[1.0, 1.0]]  # a small task vector keeps every prompt on its own class
+    assert "accuracy matrix" in capsys.readouterr().out
+
+
+def test_batch_heads_evaluator(tmp_path):
+    """heads end to end: a head whose rows are θ0's normalised features of four prototype images, so
+    θ0 labels each prototype as its own class (Cauchy–Schwarz) and scores 1.0."""
+    import torch
+
+    from mergewatch.checkpoint.writer import write_safetensors_file
+    from mergewatch.eval.data import open_dataset
+    from mergewatch.eval.evaluators import build_evaluator
+    from mergewatch.eval.settings import parse_eval
+    from tests.eval_support import write_tensor_task
+
+    base, _ = write_eval_clip(tmp_path)
+    write_tensor_task(tmp_path, "h", n=4, seed=5, labels=torch.arange(4))
+
+    write_safetensors_file(tmp_path / "h.head.safetensors", {"weight": torch.zeros(4, 16)})
+    es = parse_eval({"evaluator": "heads", "model": "clip.json", "tasks": [{"name": "h", "data": "h.safetensors"}]}, tmp_path, base)
+    ev = build_evaluator(es, base, "open_clip_full")
+    state = load_all(base)
+    ev.model.visual.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    xs, _ = next(open_dataset(es.tasks[0]).batches(4, ev.preprocess))
+    with torch.inference_mode():
+        feats = ev.model.encode_image(xs, normalize=True)
+    write_safetensors_file(tmp_path / "h.head.safetensors", {"weight": feats.clone()})
+    experts = [write_expert(state, tmp_path / f"e{i}.safetensors", seed=i, scale=0.0005) for i in (1, 2)]
+    m = _merge_and_matrix(tmp_path, (
+        'workspace = "ws"\nbase = "base.safetensors"\n[policy]\ninit = "ema"\ndeploy = "ema"\n'
+        '[eval]\nevaluator = "heads"\nmodel = "clip.json"\n[[eval.tasks]]\nname = "h"\ndata = "h.safetensors"\n'), experts)
+    assert m["zero_shot"] == {"h": 1.0} and m["steps"] == [1, 2]
