@@ -25,6 +25,7 @@ outputs are compared (max abs difference; the chained horizons amplify float32 r
     python bench/metamerge.py                    # ViT-B-16, 2 experts (about 15 min on 2 cores)
     python bench/metamerge.py --quick            # ViT-S-16 (about 4x less work)
     python bench/metamerge.py --model ViT-B-16 --experts 4
+    python bench/metamerge.py --variant gnn --blocks 1 --horizons 1   # NiNo-GNN per-block cost
 """
 
 from __future__ import annotations
@@ -164,6 +165,77 @@ def worker_straight(args: dict, meter) -> dict:
     return {"times": times, "deploy": str(p)}
 
 
+# NiNo-GNN per-block cost (--variant gnn) -------------------------------------------------------------
+GNN_CKPT = REPO.parent / "shared" / "nino" / "checkpoints" / "nino_no_posw.pt"
+
+
+def vit_visual_shapes(width=768, layers=12, tokens=197, patch=16, out_dim=512, mlp=3072) -> dict:
+    """Shapes of an open_clip ViT visual tower (defaults: ViT-B/16)."""
+    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": (tokens, width), "visual.proj": (width, out_dim),
+              "visual.conv1.weight": (width, 3, patch, patch), "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,),
+              "visual.ln_post.weight": (width,), "visual.ln_post.bias": (width,)}
+    for b in range(layers):
+        p = f"visual.transformer.resblocks.{b}."
+        shapes.update({p + "ln_1.weight": (width,), p + "ln_1.bias": (width,), p + "attn.in_proj_weight": (3 * width, width),
+                       p + "attn.in_proj_bias": (3 * width,), p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+                       p + "ln_2.weight": (width,), p + "ln_2.bias": (width,), p + "mlp.c_fc.weight": (mlp, width), p + "mlp.c_fc.bias": (mlp,),
+                       p + "mlp.c_proj.weight": (width, mlp), p + "mlp.c_proj.bias": (width,)})
+    return shapes
+
+
+def worker_gnn_blocks(args: dict, meter) -> dict:
+    """Per-block NiNo-GNN on a ViT-B/16-shaped visual tower (seeded random weights: cost only).
+    Runs the first ``blocks`` block graphs (block 0 carries the stem), ``horizons`` horizons each,
+    through ``metamerge_graph`` exactly as the strategy does (eigenvectors computed, not cached)."""
+    import torch
+
+    from mergewatch.strategies.nino_gnn import laplacian_pe, load_nino_gnn, vit_graphs, vit_spec
+
+    shapes = vit_visual_shapes()
+    spec = vit_spec(shapes)
+    net = load_nino_gnn(args["checkpoint"])
+    g = torch.Generator().manual_seed(0)
+    meter.baseline()
+    out = {"graphs": []}
+    with meter.phase("step"):
+        for graph in vit_graphs(spec, 12, subgraph=True)[: args["blocks"]]:
+            names = [t.name for t in graph.tensors]
+            base = {n: torch.randn(shapes[n], generator=g) * 0.02 for n in names}
+            experts = [{n: v + torch.randn(v.shape, generator=g) * 0.01 for n, v in base.items()} for _ in range(args["experts"])]
+            t0 = time.perf_counter()
+            lpe = laplacian_pe(graph)
+            t1 = time.perf_counter()
+            from mergewatch.strategies.nino_gnn import metamerge_graph
+
+            res = metamerge_graph(net, graph, base, experts, lpe, horizons=tuple(range(1, args["horizons"] + 1)))
+            t2 = time.perf_counter()
+            assert all(bool(torch.isfinite(v).all()) for v in res.values())
+            out["graphs"].append({"name": graph.name, "nodes": graph.num_nodes, "edges": graph.num_edges, "params": graph.n_params,
+                                  "lpe_seconds": t1 - t0, "merge_seconds": t2 - t1})
+            del base, experts, res, lpe, graph
+    return out
+
+
+def main_gnn(ns) -> int:
+    if not ns.checkpoint.is_file():
+        print(f"NiNo-GNN checkpoint not found: {ns.checkpoint}", file=sys.stderr)
+        return 2
+    r = run_worker("metamerge:worker_gnn_blocks", {"checkpoint": str(ns.checkpoint), "blocks": ns.blocks, "horizons": ns.horizons,
+                                                   "experts": ns.experts}, interval=ns.interval)
+    ph = r["phases"]["step"]
+    rows = [[g["name"], f"{g['nodes']:,}", f"{g['edges']:,}", f"{g['lpe_seconds']:.1f}", f"{g['merge_seconds']:.1f}",
+             f"{g['merge_seconds'] / ns.horizons:.1f}"] for g in r["result"]["graphs"]]
+    print(fmt_table(["graph", "nodes", "edges", "lpe s", "merge s", "s/horizon"], rows, "lrrrrr"))
+    print(f"total wall {ph['seconds']:.1f} s, cpu {ph['cpu_seconds']:.1f} s, peak RSS above baseline {fmt_bytes(ph['peak_rss'])}, "
+          f"peak private {fmt_bytes(ph['peak_private'])}")
+    per_h = sum(g["merge_seconds"] for g in r["result"]["graphs"]) / ns.horizons / len(rows)
+    lpe = sum(g["lpe_seconds"] for g in r["result"]["graphs"]) / len(rows)
+    print(f"extrapolated whole per-block MetaMerge (12 blocks x 5 horizons): {12 * (5 * per_h + lpe) / 60:.0f} min")
+    if ns.json:
+        ns.json.write_text(json.dumps(r, indent=1, default=str))
+    return 0
+
+
 # Comparison --------------------------------------------------------------------------------------
 def compare(a: Path, b: Path) -> dict:
     from mergewatch.checkpoint.reader import LazyCheckpoint
@@ -193,7 +265,15 @@ def main(argv=None) -> int:
     ap.add_argument("--interval", type=float, default=0.01, help="memory sampling interval (s)")
     ap.add_argument("--keep", action="store_true", help="keep outputs under bench/out/runs/")
     ap.add_argument("--json", type=Path, help="also write all measurements to this file")
+    ap.add_argument("--variant", choices=("mlp", "gnn"), default="mlp",
+                    help="gnn: per-block NiNo-GNN cost on a ViT-B/16-shaped visual tower (random weights)")
+    ap.add_argument("--blocks", type=int, default=1, help="gnn: block graphs to run (block 0 carries the stem)")
+    ap.add_argument("--horizons", type=int, default=5, choices=(1, 2, 3, 4, 5), help="gnn: horizons per block (cost only)")
     ns = ap.parse_args(argv)
+    if ns.variant == "gnn":
+        if ns.checkpoint == DEFAULT_CKPT:
+            ns.checkpoint = GNN_CKPT
+        return main_gnn(ns)
     if not ns.checkpoint.is_file():
         print(f"NiNo checkpoint not found: {ns.checkpoint} (give --checkpoint; it is never downloaded)", file=sys.stderr)
         return 2

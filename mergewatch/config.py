@@ -149,7 +149,7 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
 # Policy ----------------------------------------------------------------------------------------
 
 #: method hyper-parameters that are file paths (resolved relative to the config file)
-PATH_PARAMS = ("checkpoint",)
+PATH_PARAMS = ("checkpoint", "lpe", "lpe_cache")
 TIME_KEYS = {"w": float, "ema_seed": str, "lambda": float, "weights": str, "include_base": bool}
 LINES_KEYS = {"alpha": float, "beta": float, "variant": str, "enabled": bool}
 WEAVING_KEYS = {"pool": str, "include_deltas": bool, "lambdas": list, "enabled": bool}

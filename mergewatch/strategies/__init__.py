@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergewatch.strategies.base import BufferNeed, Pass, PassOutput, StepContext, Strategy, TensorInputs, TensorMeta, ViewSource
 from mergewatch.strategies.continual import ContinualMagMax, ContinualTaskArithmetic, ContinualTIES, ContinualWeightAverage
-from mergewatch.strategies.metamerge import MetaMerge
+from mergewatch.strategies.metamerge import MetaMerge, MetaMergeGNN
 from mergewatch.strategies.nufilt import NuFILT
 from mergewatch.strategies.opcm import OPCM
 from mergewatch.strategies.techniques import TECHNIQUES, Technique
@@ -32,6 +32,7 @@ METHODS: dict[str, type[Strategy]] = {
     "nufilt": NuFILT,
     "wudi": WUDI,
     "metamerge": MetaMerge,
+    "metamerge_gnn": MetaMergeGNN,  # opt-in NiNo-GNN variant (METAMERGE §9)
 }
 
 #: every strategy class by name (deploy ft/ema/all are the TIME policy)

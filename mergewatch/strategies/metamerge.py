@@ -52,12 +52,15 @@ Known limits: results are float32 and cast back to the base's storage dtype by t
 open_clip ViT naming is verified against the reference; other role tables are refused. The blog's
 ViT-B/16 numbers: on 2 tasks MetaMerge-MLP beats weight averaging (84.71 vs 83.39), but on 4 tasks it
 collapses (62.44 vs 81.77): check a 3–4 expert merge before deploying it. The NiNo-GNN variant
-(``nino_no_posw.pt``) is not implemented.
+(``nino_no_posw.pt``) is the separate, opt-in method ``metamerge_gnn`` (``MetaMergeGNN`` below).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -80,6 +83,19 @@ from mergewatch.strategies.nino import (
     expert_mean,
     load_nino_mlp,
     metamerge_tensor,
+)
+from mergewatch.strategies.engine import release_freed_memory
+from mergewatch.strategies.nino_gnn import (
+    DEFAULT_CHUNK_EDGES,
+    LpeStore,
+    build_vit_graph,
+    estimate_bytes,
+    graph_plan,
+    graph_size,
+    load_nino_gnn,
+    metamerge_graph,
+    resize_conv,
+    vit_spec,
 )
 from mergewatch.strategies.techniques import is_finite_number
 
@@ -231,3 +247,276 @@ class MetaMerge(Strategy):
             chunk_rows=self.chunk_rows,
             threads=self.threads,
         )
+
+
+# NiNo-GNN (opt-in) -------------------------------------------------------------------------------
+
+def default_lpe_cache() -> str:
+    """``$XDG_CACHE_HOME/mergewatch/nino-gnn-lpe`` (``~/.cache/...`` when unset): eigenvectors are
+    keyed by the graph's structure hash, so one cache serves every workspace of an architecture."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(root) / "mergewatch" / "nino-gnn-lpe")
+
+
+class MetaMergeGNN(MetaMerge):
+    """NiNo-GNN MetaMerge (``deploy = "metamerge_gnn"``; METAMERGE §9): **opt-in, approximate and
+    seeded**. Same steps, context order, chaining, A-set and ``fold``/``slot0`` options as
+    ``metamerge``; the per-scalar MLP is replaced by message passing over the neural graph of the
+    open_clip ViT visual tower (``nino_gnn.py``), so tensors are no longer independent.
+
+    How it streams. The engine feeds one tensor at a time, the GNN needs a whole graph. Pass 1
+    ("collect") keeps the float32 inputs of the visual tower until a graph is complete (with
+    ``subgraph = true`` a transformer block plus, for the first and last block, the stem and the
+    head; the engine's sorted order delivers a block's tensors together), runs the GNN on it and
+    keeps only the averaged prediction; its inputs are freed before the next block arrives. Its
+    reduce step hands the predictions to pass 2 through ``ctx.scalars``; pass 2 writes the deploy
+    view (meta-merged visual tensors; expert mean for conv1 and everything outside the tower).
+    Memory: per-block mode holds one block's inputs, graph and activations plus the visual tower's
+    predictions (4 bytes per parameter); whole-graph mode holds the tower's inputs and its whole
+    graph (refused up front when the estimate exceeds the available memory).
+
+    Parameters (``[policy]`` or ``[policy.metamerge_gnn]``), besides ``checkpoint`` (a NiNo-GNN
+    checkpoint, ``nino_no_posw.pt``), ``upd_scale``, ``fold`` and ``slot0`` as for ``metamerge``:
+
+    * ``heads`` = 0: attention heads of the visual tower (0: width // 64, open_clip's default head
+      width; ViT-B/16: 12). The head nodes of the graph depend on it; it cannot be read from weights.
+    * ``subgraph`` = false: false = one graph of the whole tower (the published setting; ViT-B/16:
+      75,477 nodes, 85.7M edges); true = one isolated graph per transformer block with its own
+      eigenvectors (the reference's ``subgraph=True``, not the published ViT setting), memory bounded
+      by the largest block. Stem and head join the first and last block's graphs (``vit_graphs``).
+    * ``edge_sample_ratio`` = 0.0: fraction of edges whose messages are aggregated per round; 0 (or
+      1) = all edges, deterministic. The published setting is 0.2: then the sample is seeded from the
+      step seed (config seed, expert hash, graph name), so a replay is bit-identical, but results
+      depend on that seed.
+    * ``lpe`` = "": a safetensors file of pinned eigenvectors (``lpe`` for the whole graph,
+      ``lpe.block<b>`` per block; e.g. the fixtures' ``gnn_graph.safetensors``). Its sha256 goes into
+      the manifest. Unset: computed once per graph structure and cached in ``lpe_cache``.
+    * ``lpe_cache`` = "": directory of computed eigenvectors ("" = ``default_lpe_cache()``). A
+      location only: left out of the policy's identity.
+    * ``chunk_edges`` = 32768: edges per batch through the network (activations ≈ chunk × 128 × 4
+      bytes × ~10 per worker).
+    * ``threads`` = 0: worker threads, each running whole edge chunks single-threaded (0: torch's
+      intra-op thread count). The result is bit-identical for any value, so it is left out of the
+      policy's identity.
+
+    Results are labelled "approximate, stochastic" in the manifest (``reproducibility``) unless the
+    eigenvectors are pinned and sampling is off: the eigenbasis of a repeated eigenvalue, the column
+    signs and the sampled edges all differ from the reference's own random draws."""
+
+    name = "metamerge_gnn"
+    defaults: ClassVar[dict[str, Any]] = {
+        "checkpoint": "",
+        "upd_scale": 2.5,
+        "fold": "none",
+        "slot0": "chained",
+        "heads": 0,
+        "subgraph": False,
+        "edge_sample_ratio": 0.0,
+        "lpe": "",
+        "lpe_cache": "",
+        "chunk_edges": DEFAULT_CHUNK_EDGES,
+        "threads": 0,
+    }
+
+    def __init__(self, params: Mapping[str, Any]):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
+        merged = {**self.defaults, **params}
+        lam = merged["upd_scale"]
+        if not is_finite_number(lam) or float(lam) < 0.0:
+            raise ValueError(f"{self.name}: parameter 'upd_scale' must be a finite number >= 0, got {lam!r}")
+        merged["upd_scale"] = float(lam)
+        for key, allowed in (("fold", FOLDS), ("slot0", SLOT0)):
+            if merged[key] not in allowed:
+                raise ValueError(f"{self.name}: parameter '{key}' must be one of {', '.join(allowed)}, got {merged[key]!r}")
+        heads = merged["heads"]
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
+            raise ValueError(f"{self.name}: parameter 'heads' must be an integer >= 0 (0: width // 64), got {heads!r}")
+        if not isinstance(merged["subgraph"], bool):
+            raise ValueError(f"{self.name}: parameter 'subgraph' must be true or false, got {merged['subgraph']!r}")
+        ratio = merged["edge_sample_ratio"]
+        if not is_finite_number(ratio) or not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"{self.name}: parameter 'edge_sample_ratio' must be a number in [0, 1] (0: every edge), got {ratio!r}")
+        merged["edge_sample_ratio"] = float(ratio)
+        rows = merged["chunk_edges"]
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"{self.name}: parameter 'chunk_edges' must be a positive integer, got {rows!r}")
+        threads = merged["threads"]
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"{self.name}: parameter 'threads' must be an integer >= 0 (0: torch's thread count), got {threads!r}")
+        for key in ("checkpoint", "lpe", "lpe_cache"):
+            if not isinstance(merged[key], str):
+                raise ValueError(f"{self.name}: parameter '{key}' must be a path string, got {merged[key]!r}")
+        try:
+            self.net = load_nino_gnn(merged["checkpoint"])
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from e
+        try:
+            self.lpe_store = LpeStore(merged["lpe"], merged["lpe_cache"] or default_lpe_cache())
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from e
+        Strategy.__init__(self, merged)
+        self.upd_scale = merged["upd_scale"]
+        self.fold = merged["fold"]
+        self.chain = merged["slot0"] == "chained"
+        self.heads = heads
+        self.subgraph = merged["subgraph"]
+        self.edge_sample_ratio = merged["edge_sample_ratio"]
+        self.chunk_edges = rows
+        self.threads = threads
+
+    @property
+    def stochastic(self) -> bool:
+        return 0.0 < self.edge_sample_ratio < 1.0
+
+    def describe(self) -> dict:
+        d = Strategy.describe(self)
+        d.pop("lpe_cache", None)  # a location, not a setting (see the class docstring)
+        d.pop("threads", None)  # cannot change the result (chunks are computed single-threaded)
+        d["nino"] = self.net.describe()
+        d["checkpoint_sha256"] = self.net.sha256
+        d["horizons"] = list(HORIZONS)
+        d["context_order"] = {"2": "M E1 E2 E2 E1", "3": "M E1 E2 E2 E3", "4": "M E1 E2 E3 E4"}
+        if self.lpe_store.inject_sha256:
+            d["lpe_sha256"] = self.lpe_store.inject_sha256
+        if self.stochastic or not self.lpe_store.inject_sha256:
+            why = []
+            if not self.lpe_store.inject_sha256:
+                why.append("eigenvectors computed here (column signs and the basis of repeated eigenvalues differ from the reference's draw)")
+            if self.stochastic:
+                why.append(f"edge sampling {self.edge_sample_ratio:g} seeded from the step seed")
+            d["reproducibility"] = "approximate, stochastic: " + "; ".join(why)
+        else:
+            d["reproducibility"] = "deterministic: eigenvectors pinned, every edge aggregated"
+        ext = []
+        if self.fold != "none":
+            ext.append(f"fold={self.fold}: {EXTENSION}")
+        if not self.chain:
+            ext.append(f"slot0=base: {EXTENSION}")
+        if ext:
+            d["extensions"] = ext
+        return d
+
+    def next_meta(self, ctx: StepContext) -> dict:
+        meta = {"t": ctx.t, "mode": self._mode(ctx.t)}
+        if "nino_gnn_lpe" in ctx.scalars:
+            meta["lpe"] = dict(ctx.scalars["nino_gnn_lpe"])
+        return meta
+
+    # The step ----------------------------------------------------------------------------------
+    def passes(self, ctx: StepContext) -> list[Pass]:
+        mode = self._mode(ctx.t)
+        if mode == "passthrough":
+            return [Pass("passthrough", self._passthrough, writes=("deploy",), label="metamerge_gnn t=1 (expert as is)")]
+        prefix = self._mset_prefix(ctx)
+        spec = vit_spec({n: m.shape for n, m in ctx.model.metas.items()}, prefix)
+        heads = self.heads or max(1, spec.width // 64)
+        plan = graph_plan(spec, self.subgraph)
+        for gname, names in plan:
+            for n in names:
+                if not ctx.model.metas[n].role.mergeable:
+                    raise MetaMergeError(f"{self.name}: '{n}' is frozen by the role table but belongs to the NiNo-GNN graph {gname}")
+        conv1 = prefix + "conv1.weight"
+        graph_names = {n for _, names in plan for n in names}
+        pairwise = mode == "pairwise-fold"
+        if pairwise and ctx.meta.get("t") != ctx.t - 1:
+            raise MetaMergeError(f"{self.name}: step {ctx.t} needs the merged state of step {ctx.t - 1}, got meta {ctx.meta!r}")
+        run = _GraphRun(self, spec, heads, plan, ctx)
+        if not self.subgraph:
+            run.check_memory()
+
+        def experts_of(inp: TensorInputs) -> list[torch.Tensor]:
+            return [inp.state["merged"], inp.expert] if pairwise else inp.experts
+
+        def collect(meta: TensorMeta, inp: TensorInputs, c: StepContext) -> PassOutput:
+            if meta.name in graph_names:
+                run.add(meta.name, inp.base, experts_of(inp))
+            return PassOutput()
+
+        def finish(stats: dict, c: StepContext) -> dict:
+            return run.finish()
+
+        writes = ("deploy", "merged") if pairwise else ("deploy", *self.state_sets(ctx.t))
+
+        def emit(meta: TensorMeta, inp: TensorInputs, c: StepContext) -> PassOutput:
+            name = meta.name
+            if name in graph_names and name != conv1:
+                out = c.scalars["nino_gnn_outputs"].pop(name)
+            else:
+                out = expert_mean(experts_of(inp))
+            return PassOutput(tensors={w: out for w in writes})
+
+        reads = frozenset({"state"}) if pairwise else frozenset({"experts"})
+        label = "metamerge_gnn pairwise fold" if pairwise else f"metamerge_gnn {ctx.t} experts"
+        return [
+            Pass("nino-gnn", collect, reduce_fn=finish, reads=reads, label=label + " (NiNo-GNN)"),
+            Pass("write", emit, writes=writes, reads=reads, label=label + " (write)"),
+        ]
+
+
+class _GraphRun:
+    """One step's NiNo-GNN work: inputs of the graphs still incomplete, predictions of those done."""
+
+    def __init__(self, strat: MetaMergeGNN, spec, heads: int, plan, ctx: StepContext):
+        self.s, self.spec, self.heads, self.ctx = strat, spec, heads, ctx
+        self.plan = plan
+        self.pending = {g: set(names) for g, names in plan}
+        self.owner = {n: g for g, names in plan for n in names}
+        self.inputs: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.lpe: dict[str, str] = {}
+        self.conv1 = spec.prefix + "conv1.weight"
+
+    def _graph(self, gname: str):
+        if gname == "visual":
+            return build_vit_graph(self.spec, self.heads, name="visual")
+        b = int(gname.removeprefix("block"))
+        return build_vit_graph(self.spec, self.heads, [b], stem=b == 0, head=b == self.spec.blocks - 1, name=gname)
+
+    def check_memory(self) -> None:
+        import psutil
+
+        nodes, edges, params = graph_size(self.spec, self.heads)
+        need = estimate_bytes(nodes, edges, params, self.s.chunk_edges, self.s.net.hidden) + 4 * params * (2 + len(self.ctx.expert_ids))
+        avail = psutil.virtual_memory().available
+        if need > avail:
+            raise MetaMergeError(
+                f"{self.s.name}: the whole-graph NiNo-GNN of this model ({nodes:,} nodes, {edges:,} edges) needs about "
+                f"{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available; set subgraph = true (one graph per transformer block)"
+            )
+
+    def add(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
+        if name == self.conv1:  # the reference's pre-step: every model's kernel resized to 3×3 (§3)
+            base, experts = resize_conv(base), [resize_conv(e) for e in experts]
+        self.inputs[name] = (base, list(experts))
+        gname = self.owner[name]
+        self.pending[gname].discard(name)
+        if not self.pending[gname]:
+            self._run(gname)
+
+    def _run(self, gname: str) -> None:
+        graph = self._graph(gname)
+        n_exp = len(next(iter(self.inputs.values()))[1])
+        base = {t.name: self.inputs[t.name][0] for t in graph.tensors}
+        experts = [{t.name: self.inputs[t.name][1][i] for t in graph.tensors} for i in range(n_exp)]
+        for t in graph.tensors:
+            del self.inputs[t.name]
+        lpe, source = self.s.lpe_store.get(graph)
+        gen = self.ctx.generator(f"nino-gnn/{gname}", "edge_sample") if self.s.stochastic else None
+        out = metamerge_graph(
+            self.s.net, graph, base, experts, lpe,
+            upd_scale=self.s.upd_scale, chain=self.s.chain, edge_sample_ratio=self.s.edge_sample_ratio,
+            generator=gen, chunk_edges=self.s.chunk_edges, threads=self.s.threads,
+        )
+        out.pop(self.conv1, None)  # its prediction is discarded: conv1 is the experts' mean (§3)
+        self.outputs.update(out)
+        self.lpe[gname] = f"{source} sha256:{hashlib.sha256(lpe.numpy().tobytes()).hexdigest()}"
+        del graph, base, experts, out
+        release_freed_memory()
+
+    def finish(self) -> dict:
+        left = sorted(n for names in self.pending.values() for n in names)
+        if left:
+            raise MetaMergeError(f"metamerge_gnn: the NiNo-GNN graph never received {left[:5]}{' ...' if len(left) > 5 else ''}")
+        return {"nino_gnn_outputs": self.outputs, "nino_gnn_lpe": dict(self.lpe)}
