@@ -17,7 +17,7 @@ For each model (open_clip architectures with seeded random init; experts = base 
 Every case runs in a fresh interpreter; peak memory is private (anonymous) memory above that
 process's idle baseline after imports (DESIGN §4), RSS is printed beside it. Goals (the issue):
 peak_private(step) <= 6 x largest tensor + 64 MiB, whatever the model size; step time <= 2 x I/O floor
-for WA/EMA. Results of ours and naive are compared tensor by tensor (max abs diff).
+for WA/EMA. Results of ours and naive are compared tensor by tensor (max abs diff, bit identity).
 
     python bench/streaming.py                 # ViT-B-32:visual and ViT-L-14 (full CLIP)
     python bench/streaming.py --quick         # ViT-B-32:visual only
@@ -239,20 +239,25 @@ def worker_io(args: dict, meter) -> dict:
 
 
 # Comparison --------------------------------------------------------------------------------------
-def max_abs_diff(a: Path, b: Path) -> float:
+def compare_outputs(a: Path, b: Path) -> tuple[float, bool]:
+    """(max abs difference, bit-identical) of two checkpoints tensor by tensor. Bit identity also
+    tells 0.0 from -0.0, which a difference of 0 does not."""
+    import torch
+
     from mergewatch.checkpoint.reader import LazyCheckpoint
 
     ca, cb = LazyCheckpoint(a), LazyCheckpoint(b)
     if set(ca) != set(cb):
         raise AssertionError(f"{a} and {b} hold different tensor names")
-    worst = 0.0
+    worst, same = 0.0, True
     for k in ca:
         x, y = ca[k], cb[k]
         if x.shape != y.shape or x.dtype != y.dtype:
             raise AssertionError(f"{k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}")
         if x.numel():
             worst = max(worst, float((x.double() - y.double()).abs().max()))
-    return worst
+            same = same and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+    return worst, same
 
 
 # Orchestration -----------------------------------------------------------------------------------
@@ -331,7 +336,9 @@ def run_model(spec: ModelSpec, ns) -> dict:
                 naive = run_worker("streaming:worker_naive_ties", nargs, interval=ns.interval)
                 pairs = {"deploy": state_dir / "views/deploy/model.safetensors"}
             print(f"  {pname}: naive {_phase(naive, 'naive')['seconds']:.1f} s", flush=True)
-            naive["diff"] = {k: max_abs_diff(Path(naive["result"]["outputs"][k]), v) for k, v in pairs.items()}
+            compared = {k: compare_outputs(Path(naive["result"]["outputs"][k]), v) for k, v in pairs.items()}
+            naive["diff"] = {k: d for k, (d, _) in compared.items()}
+            naive["bit_identical"] = {k: same for k, (_, same) in compared.items()}
             shutil.rmtree(out, ignore_errors=True)
         res["cases"][pname] = {"ours": ours, "naive": naive, "floor": floor, "floor_all": floor_all, "floor_vc": floor_vc, "setup": setup,
                                "wall": time.perf_counter() - t}
@@ -404,7 +411,7 @@ def report(results: list[dict]) -> None:
                 f"{step_s / fastest(c['floor_all'], 'io'):.2f}" if c["floor_all"] else "=",
                 f"{eng / floor_s:.2f}",
                 f"{merge_s / merge_floor:.2f}",
-                f"{max(naive['diff'].values()):.3g}" if naive else "-",
+                (f"{max(naive['diff'].values()):.3g}" + (" (bits equal)" if all(naive["bit_identical"].values()) else "")) if naive else "-",
             ])
     print("\nRATIOS (goals: ours_peak/bound <= 1 for every model; step/io_floor <= 2 for wa/ema)")
     print(fmt_table(["model", "policy", "ours_peak/bound", "naive_peak/ours_peak", "step/io_floor", "step/floor_all_outputs",
@@ -413,7 +420,7 @@ def report(results: list[dict]) -> None:
         for pname, c in r["cases"].items():
             if c["naive"]:
                 print(f"  {r['spec']} {pname}: max abs diff ours vs naive per output: "
-                      + ", ".join(f"{k} {v:.3g}" for k, v in c["naive"]["diff"].items()))
+                      + ", ".join(f"{k} {v:.3g}{' (bit-identical)' if c['naive']['bit_identical'][k] else ''}" for k, v in c["naive"]["diff"].items()))
     print("  step = Workspace.step (run_step + commit + publish + retention) vs the I/O floor of the bytes it reads and"
           " physically writes;\n  step/floor_all_outputs: vs writing every output file in full (when the engine hard-linked"
           " identical outputs, '=' when it did not);\n  merge = validate + claim + step vs the step floor plus reading the"

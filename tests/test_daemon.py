@@ -245,10 +245,19 @@ def test_sighup_reload_and_polling_observer(setup):
     assert rc == 0
 
 
-@pytest.mark.parametrize("policy", ['deploy = "opcm"', 'deploy = "wudi"\nsolver = "exact"'])
+NINO_GNN = REPO.parent / "shared" / "nino" / "checkpoints" / "nino_no_posw.pt"
+
+
+@pytest.mark.parametrize("policy", [
+    'deploy = "opcm"',
+    'deploy = "wudi"\nsolver = "exact"',
+    f'deploy = "metamerge_gnn"\ncheckpoint = "{NINO_GNN}"\nheads = 2\nsubgraph = true',
+])
 def test_dfcmm_methods_run_in_the_daemon(setup, policy):
-    """The data-free methods run in the daemon with their state persisted: the daemon (restarted
-    once mid-stream) publishes exactly what the batch engine computes."""
+    """The data-free methods (and MetaMerge's GNN variant) run in the daemon with their state
+    persisted: the daemon (restarted once mid-stream) publishes exactly what the batch engine computes."""
+    if "metamerge_gnn" in policy and not NINO_GNN.is_file():
+        pytest.skip(f"{NINO_GNN} is absent (the NiNo checkpoints live in ../shared/nino/)")
     from mergewatch import config
     from mergewatch.checkpoint.hashing import content_sha256
     from mergewatch.checkpoint.reader import LazyCheckpoint

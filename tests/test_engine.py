@@ -12,9 +12,13 @@ import torch
 
 from mergewatch import config
 from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.checkpoint.roles import Role, resolve_table
 from mergewatch.checkpoint.writer import write_checkpoint, write_safetensors_file
+from mergewatch.strategies.base import Pass, PassOutput, StepContext, Strategy, ViewSource
+from mergewatch.strategies.engine import build_model_info, run_step
 from mergewatch.workspace import Workspace
 from tests.helpers import load_all, perturb, tiny_clip_state
+from tests.test_techniques import bits, naive_ties
 
 
 class CountingCheckpoint(LazyCheckpoint):
@@ -168,3 +172,101 @@ def test_sharded_base_and_experts(tmp_path):
     init = ws.publishers["init"].path(1)
     assert (init / "model.safetensors.index.json").is_file()
     assert all(torch.equal(load_all(init)[k], base[k]) for k in base)
+
+
+# Ownership of the tensors the engine reads (TensorInputs.owns) --------------------------------
+class _SumOfTaskVectors(Strategy):
+    """Test strategy: deploy = Σ_i (θ_i − θ0) over every buffered expert, computed in the experts'
+    own buffers where the engine hands them over; records what it was given."""
+
+    name = "sum_tv"
+
+    def __init__(self):
+        super().__init__({})
+        self.seen: list[tuple[bool, list[bool], bool]] = []
+
+    def view_sources(self, ctx):
+        return {"deploy": "deploy", "init": ViewSource.BASE}
+
+    def passes(self, ctx):
+        def fn(meta, inp, ctx):
+            self.seen.append((inp.owns(inp.base), [inp.owns(e) for e in inp.experts], inp.owns(torch.zeros(1))))
+            taus = [e.sub_(inp.base) if inp.owns(e) else e - inp.base for e in inp.experts]
+            out = taus[0]
+            for t in taus[1:]:
+                out += t
+            return PassOutput(tensors={"deploy": out})
+
+        return [Pass("sum", fn, writes=("deploy",), reads=frozenset({"experts"}))]
+
+
+def test_engine_hands_over_the_tensors_it_reads_and_never_overwrites_a_callers(tmp_path):
+    base_sd, paths = _setup(tmp_path, n=1)
+    base = LazyCheckpoint(tmp_path / "base")
+    e1 = LazyCheckpoint(paths[0])  # read from a file: a new tensor per access
+    e2 = perturb(base_sd, seed=7)  # the caller's float32 tensors: read-only for the pass
+    e3 = {k: v.to(torch.float16) if v.dtype.is_floating_point else v for k, v in perturb(base_sd, seed=8).items()}  # converted
+    kept = {k: v.clone() for k, v in e2.items()}
+    strat = _SumOfTaskVectors()
+    table = resolve_table("auto", list(base))
+    ctx = StepContext(t=3, seed=0, expert_ids=["a", "b", "c"], model=build_model_info(base, table), meta={})
+    run_step(strat, ctx, base, [e1, e2, e3], {}, tmp_path / "out")
+    assert strat.seen and all(s == (True, [True, False, True], False) for s in strat.seen)
+    assert all(torch.equal(e2[k], kept[k]) for k in e2)  # the in-memory expert is untouched
+    got = load_all(tmp_path / "out" / "views" / "deploy")
+    e1_sd = load_all(paths[0])
+    for k, b in base_sd.items():
+        if ctx.model.metas[k].role.mergeable:
+            want = (e1_sd[k] - b) + (e2[k] - b) + (e3[k].float() - b)
+            assert torch.equal(got[k], want), k
+        else:
+            assert torch.equal(got[k], b), k
+
+
+def _naive_all_ties(ws: Workspace, models: list[dict], p: float = 0.8, lam: float = 1.0) -> dict:
+    base = load_all(ws.base.path)
+    out = {}
+    for k, b in base.items():
+        role = ws.model_info.metas[k].role
+        if not role.mergeable:
+            out[k] = b
+            continue
+        blocks = role.blocks if role.role is Role.FUSED_LINEAR else 1
+        out[k] = naive_ties(b, [m[k] for m in models], p, lam, "mean", blocks)
+    return out
+
+
+def _assert_bits_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k in want:
+        a, b = got[k], want[k]
+        assert torch.equal(bits(a) if a.dtype == torch.float32 else a, bits(b) if b.dtype == torch.float32 else b), k
+
+
+@pytest.mark.parametrize(
+    "policy, views",
+    [
+        # init ft: θ_t is the init view, so the ALL merge must not compute in its buffer
+        ('init = "ft"\ndeploy = "all"\ntechnique = "ties"', {"init": "ft"}),
+        # ema_seed first: at t = 1 the EMA state *is* θ_1
+        ('init = "ema"\ndeploy = "all"\nema_seed = "first"\ntechnique = "ties"', {"ema@1": "e1"}),
+        # include_base: θ0 is a member of the ALL merge and also its base
+        ('init = "zs"\ndeploy = "all"\ninclude_base = true\ntechnique = "ties"\n[policy.ties]\np = 0.5', {}),
+        ('init = "zs"\ndeploy = "all"\ntechnique = "ties"', {}),
+    ],
+)
+def test_all_merge_computes_in_the_experts_buffers_only_when_nothing_else_uses_them(tmp_path, policy, views):
+    _, paths = _setup(tmp_path, n=2)
+    ws = Workspace(config.load(_cfg(tmp_path, policy)))
+    experts = [load_all(p) for p in paths]
+    base = load_all(ws.base.path)
+    include_base = "include_base" in policy
+    p = 0.5 if include_base else 0.8
+    for t in (1, 2):
+        ws.merge(paths[t - 1])
+        members = ([base] if include_base else []) + experts[:t]
+        _assert_bits_equal(load_all(ws.publishers["deploy"].path(t)), _naive_all_ties(ws, members, p))
+        if views.get("init") == "ft":
+            _assert_bits_equal(load_all(ws.publishers["init"].path(t)), experts[t - 1])
+        if t == 1 and "ema@1" in views:
+            _assert_bits_equal(load_all(ws.states.latest().directory / "sets" / "ema"), experts[0])

@@ -269,7 +269,11 @@ def _global_case(seed: int, n: int = 3):
 
 
 @pytest.mark.parametrize("p", [0.8, 0.5, 0.93, 0.0])
-def test_ties_global_threshold_equals_concatenated_kthvalue(p):
+@pytest.mark.parametrize("hist_slice", [3, 1 << 20])
+def test_ties_global_threshold_equals_concatenated_kthvalue(monkeypatch, p, hist_slice):
+    import mergewatch.strategies.techniques as tech_mod
+
+    monkeypatch.setattr(tech_mod, "_HIST_SLICE", hist_slice)  # 3: histograms summed over many slices
     xs, taus = _global_case(5)
     tech = TIES(p=p, trim="global")
     assert len(tech.prep_passes(3)) == 2 and TIES(p=p).prep_passes(3) == []
@@ -321,6 +325,118 @@ def test_ties_result_has_elected_sign_and_bounded_magnitude(seed, n):
     elected = torch.sign(trimmed.sum(0))
     assert bool(((out == 0) | (torch.sign(out) == elected)).all())
     assert bool((out.abs() <= trimmed.abs().amax(0) + 1e-6).all())
+
+
+# TIES in place: the streaming kernel (slices, owned buffers) against a whole-tensor reference ----
+def naive_ties(base, models, p, lam, mode="mean", blocks=1):
+    """TIES on whole tensors as the reference code writes it (Yadav et al. 2023): τ_i = θ_i − θ0,
+    kthvalue trim (per row block), sign of the sum, mean / sum / max of the agreeing entries."""
+
+    def trim(t):
+        d = t.numel()
+        k = ties_keep_rank(p, d)
+        if k <= 0 or d == 0:
+            return t
+        m = torch.kthvalue(t.abs().flatten(), k).values
+        return torch.where(t.abs() >= m, t, torch.zeros_like(t))
+
+    taus = [torch.cat([trim(c) for c in (m - base).chunk(blocks, dim=0)]) if blocks > 1 else trim(m - base) for m in models]
+    total = torch.zeros_like(base)
+    for t in taus:
+        total += t
+    sign = torch.sign(total)
+    acc, cnt = torch.zeros_like(base), torch.zeros_like(base)
+    for t in taus:
+        agree = (torch.sign(t) == sign) & (sign != 0)
+        cand = torch.where(agree, t, torch.zeros_like(t))
+        if mode == "max":
+            acc = torch.where(cand.abs() > acc.abs(), cand, acc)
+        else:
+            acc += cand
+            cnt += agree.float()
+    tau_m = acc / cnt.clamp_min(1.0) if mode == "mean" else acc
+    return base + lam * tau_m
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns (torch.equal says 0.0 == -0.0)."""
+    return t.contiguous().view(torch.int32)
+
+
+def _ties_case(seed: int, shape, n: int):
+    """θ0 and n experts with exact zeros, sign cancellations, -0.0 and tied magnitudes in τ."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    taus = [torch.randn(shape, generator=g) for _ in range(n)]
+    flat = [t.view(-1) for t in taus]
+    if flat[0].numel() >= 8:
+        flat[0][:3] = 0.0
+        flat[0][3] = -0.0
+        flat[0][4:6] = 0.75  # tied magnitudes
+        if n > 1:
+            flat[1][6] = -flat[0][6]  # cancels exactly: elected sign 0
+    return base, [base + t for t in taus]
+
+
+@pytest.mark.parametrize("mode", ["mean", "sum", "max"])
+@pytest.mark.parametrize("shape, blocks", [((37, 11), 1), ((12, 5), 3), ((97,), 1), ((), 1), ((0, 4), 1)])
+@pytest.mark.parametrize("chunk", [5, 1 << 15])
+def test_ties_in_place_equals_whole_tensor_reference_bit_for_bit(monkeypatch, mode, shape, blocks, chunk):
+    import mergewatch.strategies.techniques as tech_mod
+
+    monkeypatch.setattr(tech_mod, "CHUNK", chunk)  # 5: every step crosses many slice boundaries
+    role = TensorRole(Role.FUSED_LINEAR, blocks=3) if blocks == 3 else LINEAR
+    for seed, n, p, lam in ((1, 2, 0.8, 1.0), (2, 3, 0.5, 0.37), (3, 1, 0.3, 1.7), (4, 2, 0.0, 0.9)):
+        base, models = _ties_case(seed, shape, n)
+        want = naive_ties(base, models, p, lam, mode, blocks)
+        tech = TIES(p=p, merge=mode)
+        kept = [m.clone() for m in models]
+        # not owned: inputs untouched
+        got = tech.merge(inputs(base, models=models, role=role, lam=lam))
+        assert torch.equal(bits(got), bits(want))
+        assert all(torch.equal(bits(m), bits(k)) for m, k in zip(models, kept))
+        # owned: the result is computed in the first model's buffer, the same bits
+        owned = [m.clone() for m in models]
+        ptr = owned[0].data_ptr()
+        got = tech.merge(inputs(base, models=owned, role=role, lam=lam, owned=[True] * n))
+        assert torch.equal(bits(got), bits(want))
+        assert got.data_ptr() == ptr or got.numel() == 0
+        # task_merge never consumes, even with ownership granted (Weight Weaving reads the models again)
+        owned = [m.clone() for m in models]
+        tech.task_merge(inputs(base, models=owned, role=role, owned=[True] * n))
+        assert all(torch.equal(bits(m), bits(k)) for m, k in zip(owned, kept))
+
+
+def test_disjoint_merge_in_slices_equals_one_slice_and_consume_reuses_the_first_buffer(monkeypatch):
+    import mergewatch.strategies.techniques as tech_mod
+
+    base, models = _ties_case(9, (23, 3), 3)
+    taus = [m - base for m in models]
+    for mode in ("mean", "sum", "max"):
+        monkeypatch.setattr(tech_mod, "CHUNK", 1 << 20)
+        whole = disjoint_merge(taus, mode)
+        monkeypatch.setattr(tech_mod, "CHUNK", 4)
+        kept = [t.clone() for t in taus]
+        sliced = disjoint_merge(taus, mode)
+        assert torch.equal(bits(sliced), bits(whole))
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(taus, kept))  # consume=False: untouched
+        own = [t.clone() for t in taus]
+        out = disjoint_merge(own, mode, consume=True)
+        assert out is own[0] and torch.equal(bits(out), bits(whole))
+    # a non-contiguous first tensor cannot be written slice by slice: a new result, same values
+    t0 = taus[0].t().contiguous().t()
+    out = disjoint_merge([t0, *taus[1:]], consume=True)
+    assert out is not t0 and torch.equal(bits(out), bits(disjoint_merge(taus)))
+
+
+def test_take_task_vectors_overwrites_only_owned_models():
+    base = T([[1, 2, 3], [4, 5, 6]])
+    m1, m2 = base + 1, base * 2
+    x = inputs(base, models=[m1, m2], owned=[False, True])
+    taus = x.take_task_vectors()
+    assert taus[1] is m2 and torch.equal(m2, base)  # θ_2 − θ0 = θ0 here, in θ_2's buffer
+    assert taus[0] is not m1 and torch.equal(m1, base + 1) and torch.equal(taus[0], torch.ones(2, 3))
+    assert inputs(base, models=[base + 1]).owns(0) is False
 
 
 # DARE ------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ work as a list of **passes** over the model; the engine (``engine.py``) streams 
 each pass and writes what the pass emits (DESIGN §4).
 
 * A pass's ``tensor_fn(meta, inputs, ctx)`` is a pure function of the tensors of one name (float32)
-  and the whole-model scalars in ``ctx.scalars``. It returns tensors for *sinks* (state sets such as
-  ``"ema"`` or ``"S"``, and the views ``"deploy"``/``"init"``) and *stats*: tensors that the engine
-  sums over all tensor names. After the pass, ``reduce_fn(stats, ctx)`` turns the sums into scalars
+  and the whole-model scalars in ``ctx.scalars``. It may overwrite the inputs the engine hands over
+  (``inputs.owns(t)``: freshly read, unused by the engine afterwards), which lets a technique build
+  task vectors and results in the inputs' own buffers instead of next to them. It returns tensors
+  for *sinks* (state sets such as ``"ema"`` or ``"S"``, and the views ``"deploy"``/``"init"``) and
+  *stats*: tensors that the engine sums over all tensor names. After the pass, ``reduce_fn(stats, ctx)`` turns the sums into scalars
   for later passes (OPCM's λ, global TIES thresholds).
 * A sink written in one pass can be read back (``inputs.fresh``) in a later pass of the same step;
   that is how two-pass methods apply a whole-model scalar while writing without keeping a second
@@ -101,16 +103,33 @@ class StepContext:
 @dataclass
 class TensorInputs:
     """Float32 tensors of one name. ``experts`` are the buffered experts (oldest first) the strategy
-    asked for; the last one is always θ_t."""
+    asked for; the last one is always θ_t.
+
+    Ownership: ``owns(t)`` is True for an input that the engine read freshly for this call (from a
+    checkpoint file, or converted from another dtype) and never touches again after ``tensor_fn``
+    returns, except for writing whatever the pass returns. The pass may then overwrite that tensor
+    in place (e.g. τ_i = θ_i − θ0 into the expert's own buffer) or return it (or a result computed
+    in it) as an output: no copy of it needs to be alive next to the input. Inputs the engine does
+    not own (tensors of an in-memory mapping handed to ``run_step``) are read-only, as is everything
+    when ``TensorInputs`` is built by hand without ``owned``. A pass that ignores ownership is
+    unaffected; one that uses it must not overwrite a tensor it still reads later, nor one that
+    another of its outputs refers to."""
 
     base: torch.Tensor
     experts: list[torch.Tensor]
     state: dict[str, torch.Tensor]
     fresh: dict[str, torch.Tensor]
+    #: ``id()`` of each owned input tensor object as handed over (see ``owns``); empty = nothing
+    #: may be overwritten
+    owned: frozenset[int] = field(default=frozenset(), repr=False)
 
     @property
     def expert(self) -> torch.Tensor:
         return self.experts[-1]
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """True when ``t`` is one of these inputs and the pass may overwrite it (class docstring)."""
+        return id(t) in self.owned
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Memory: for each tensor name the engine loads θ0, θ_t (and the buffered experts, previous state
 tensors and this step's earlier outputs when a pass asks for them), calls the pass's pure function,
 writes the results straight into open ``CheckpointWriter``s and drops them. Nothing model-sized is
-ever held: peak memory is a few tensors of the largest name, plus the strategy's own scalars.
+ever held: peak memory is a few tensors of the largest name, plus the strategy's own scalars. The
+tensors it reads are handed over to the pass (``TensorInputs.owns``): after ``tensor_fn`` the engine
+only writes what it returned, so a pass may compute in its inputs' buffers.
 
 Outputs of one step go into a single directory (a staging directory that the caller renames into
 ``state/<t>/`` once complete, see ``state.py``):
@@ -138,11 +140,13 @@ def run_step(
                     if name in shapes[sink] and sink not in mirror:
                         w.write(name, frozen)
                 continue
+            owned: set[int] = set()  # filled by _load while the inputs are read
             inputs = TensorInputs(
-                base=_f32(base[name]),
-                experts=[_f32(e[name]) for e in (experts if want_all else experts[-1:])],
-                state={k: _f32(v[name]) for k, v in prev_sets.items() if name in v} if want_state else {},
-                fresh={k: _f32(v[name]) for k, v in written.items() if name in v} if want_fresh else {},
+                base=_load(base, name, owned),
+                experts=[_load(e, name, owned) for e in (experts if want_all else experts[-1:])],
+                state={k: _load(v, name, owned) for k, v in prev_sets.items() if name in v} if want_state else {},
+                fresh={k: _load(v, name, owned) for k, v in written.items() if name in v} if want_fresh else {},
+                owned=frozenset(owned),
             )
             out = p.tensor_fn(meta, inputs, ctx)
             if not isinstance(out, PassOutput):
@@ -251,6 +255,17 @@ release_freed_memory = _load_malloc_trim()
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _load(src: Mapping[str, torch.Tensor], name: str, owned: set[int]) -> torch.Tensor:
+    """``src[name]`` as float32; its ``id`` goes into ``owned`` when nobody else holds the tensor:
+    a LazyCheckpoint reads a new tensor on every access, and a dtype conversion makes a new one.
+    A float32 tensor of an in-memory mapping stays the caller's (read-only for the pass)."""
+    raw = src[name]
+    t = _f32(raw)
+    if t is not raw or isinstance(src, LazyCheckpoint):
+        owned.add(id(t))
+    return t
 
 
 def _state_dtype(meta: TensorMeta) -> torch.dtype:

@@ -19,6 +19,9 @@ Conventions that every technique follows:
   not elementwise (TIES ``tensor`` trim, SLERP and Model Stock cosines; SPEC §1.2).
 * All randomness comes from ``MergeInputs.generator(purpose, i)`` (seeded per tensor and model by the
   caller), never from the global RNG, so a replay is bit-identical.
+* Inputs are read-only, except the models the caller marks as its own in ``MergeInputs.owned``:
+  ``merge`` may compute in their buffers (TIES builds τ_i, τ_m and the result there, which keeps a
+  step within a few tensors of the largest size). ``task_merge`` never modifies its inputs.
 """
 
 from __future__ import annotations
@@ -48,9 +51,24 @@ class MergeInputs:
     #: seeded generator for (purpose, model index); index -1 is for pooling decisions
     generator: Callable[[str, int], torch.Generator] | None = None
     scalars: Mapping[str, Any] = field(default_factory=dict)  # results of prep passes
+    #: owned[i] True: ``models[i]`` is the caller's own buffer, which it does not use after this
+    #: tensor's ``merge``; the technique may overwrite it (default: nothing owned, nothing overwritten)
+    owned: Sequence[bool] = ()
 
     def task_vectors(self) -> list[torch.Tensor]:
+        """τ_i = θ_i − θ0 as new tensors (the inputs are never modified)."""
         return [m - self.base for m in self.models]
+
+    def owns(self, i: int) -> bool:
+        return i < len(self.owned) and bool(self.owned[i])
+
+    def take_task_vectors(self) -> list[torch.Tensor]:
+        """τ_i = θ_i − θ0 for a technique that modifies them: an owned model is turned into its task
+        vector in place (``models[i]`` holds τ_i afterwards, the same values as ``θ_i − θ0``), the
+        others are new tensors. Only ``merge`` may call this (the call the ownership was granted
+        to): ``task_merge`` must leave ``models`` intact, because wrappers such as Weight Weaving
+        call it and then read the models again."""
+        return [m.sub_(self.base) if self.owns(i) else m - self.base for i, m in enumerate(self.models)]
 
     def rng(self, purpose: str, i: int) -> torch.Generator:
         """The seeded generator for ``(purpose, i)``; an error if the caller gave none (a technique
@@ -192,6 +210,57 @@ class TaskArithmetic(Technique):
 MERGE_MODES = ("mean", "sum", "max")
 
 
+#: Elementwise TIES steps run over flat slices of this many entries, so that their temporaries
+#: (elected sign, agreement masks, products, counts) are a few hundred KiB whatever the tensor size,
+#: instead of several copies of the largest tensor (the streaming bound is 6 × the largest tensor).
+#: 2^15 is torch's parallel grain size: each op on a slice runs on the calling thread, with no
+#: OpenMP fork/join per op (measured on the 2-core development VM under load, token embedding,
+#: 2 models: 0.6–1.4 s for 2^15 slices, up to 7× that for 2^18–2^22, 1.4–2.4 s for whole tensors).
+CHUNK = 1 << 15
+
+
+def _flat_slices(ts: Sequence[torch.Tensor], size: int = 0) -> Iterable[list[torch.Tensor]]:
+    """Aligned slices of ``size`` (default ``CHUNK``) entries of the flattened tensors (views when
+    they are contiguous)."""
+    size = size or CHUNK
+    flats = [t.reshape(-1) for t in ts]
+    n = flats[0].numel() if flats else 0
+    for s in range(0, n, size):
+        yield [f[s : s + size] for f in flats]
+
+
+def _zero_below(t: torch.Tensor, m: float) -> torch.Tensor:
+    """``t[|t| < m] = 0`` in place, slice by slice (no tensor-sized mask)."""
+    if not t.is_contiguous():
+        return t.masked_fill_(t.abs() < m, 0.0)  # reshape would copy: no in-place slices
+    for (c,) in _flat_slices([t]):
+        c.masked_fill_(c.abs() < m, 0.0)
+    return t
+
+
+def _disjoint_slice(cs: Sequence[torch.Tensor], mode: str) -> torch.Tensor:
+    """``disjoint_merge`` of one aligned slice of every τ̂_i (a new tensor of the slice's size)."""
+    elected = torch.zeros_like(cs[0])
+    for t in cs:
+        elected += t
+    elected.sign_()
+    out = torch.zeros_like(cs[0])
+    count = torch.zeros_like(cs[0]) if mode == "mean" else None
+    for t in cs:
+        # t·γ > 0 ⇔ sign(t) = γ ≠ 0 (γ ∈ {−1, 0, 1}; t = 0 never agrees)
+        agree = (t * elected) > 0
+        if mode == "max":
+            cand = torch.where(agree, t, 0.0)
+            out = torch.where(cand.abs() > out.abs(), cand, out)
+        else:
+            out += torch.where(agree, t, 0.0)
+            if count is not None:
+                count += agree
+    if count is not None:
+        out.div_(count.clamp_min_(1.0))
+    return out
+
+
 def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean", *, consume: bool = False) -> torch.Tensor:
     """TIES steps 2-3 (Yadav et al. 2023, Alg. 1): elected sign γ = sign(Σ_i τ̂_i) per coordinate,
     then combine only the entries whose sign agrees with γ: ``mean`` (sum / number of agreeing
@@ -199,30 +268,15 @@ def disjoint_merge(taus: Sequence[torch.Tensor], mode: str = "mean", *, consume:
     elected sign is 0 (no entries, or entries that cancel exactly) gets 0, i.e. stays at θ0
     (SPEC §1.2: no fallback sign is chosen for such coordinates).
 
-    ``consume=True`` lets it zero the disagreeing entries of ``taus`` in place (the caller owns
-    them): same result, two fewer tensor-sized temporaries per model (streaming memory bound)."""
-    elected = torch.zeros_like(taus[0])
-    for t in taus:
-        elected += t
-    elected.sign_()
-    out = torch.zeros_like(taus[0])
-    count = torch.zeros_like(taus[0]) if mode == "mean" else None
-    for t in taus:
-        # t·γ > 0 ⇔ sign(t) = γ ≠ 0 (γ ∈ {−1, 0, 1}; t = 0 never agrees)
-        agree = (t * elected) > 0
-        if mode == "max":
-            cand = torch.where(agree, t, torch.zeros_like(t))
-            out = torch.where(cand.abs() > out.abs(), cand, out)
-        else:
-            if consume:
-                out += t.masked_fill_(~agree, 0.0)
-            else:
-                out += torch.where(agree, t, torch.zeros_like(t))
-            if count is not None:
-                count += agree
-        del agree
-    if count is not None:
-        out.div_(count.clamp_min_(1.0))
+    Every step is elementwise, so it runs slice by slice (``CHUNK`` entries): the result is the
+    same bit for bit as on whole tensors, with slice-sized temporaries only. ``taus`` are never
+    modified, except that ``consume=True`` (the caller owns ``taus``, distinct tensors) writes the
+    result into ``taus[0]``'s buffer and returns it: no tensor-sized allocation at all."""
+    first = taus[0]
+    out = first if consume and first.is_contiguous() else torch.empty(first.shape, dtype=first.dtype)
+    for o, *cs in _flat_slices([out, *taus]):
+        # slice j of the result is written after every read of slice j (out may be taus[0])
+        o.copy_(_disjoint_slice(cs, mode))
     return out
 
 
@@ -241,7 +295,8 @@ def ties_trim(t: torch.Tensor, p: float) -> torch.Tensor:
 def ties_trim_(t: torch.Tensor, p: float) -> torch.Tensor:
     """``ties_trim`` in place (``t`` is the caller's own tensor). The k-th smallest |x| comes from
     an in-place partial sort of one |t| copy (numpy's introselect: the same value as
-    ``torch.kthvalue``, without its value and int64 index copies, and much faster)."""
+    ``torch.kthvalue``, without its value and int64 index copies, and much faster); that copy is
+    freed before the entries below it are zeroed slice by slice."""
     d = t.numel()
     k = ties_keep_rank(p, d)
     if k <= 0 or d == 0:
@@ -251,7 +306,12 @@ def ties_trim_(t: torch.Tensor, p: float) -> torch.Tensor:
     flat.partition(k - 1)
     m = float(flat[k - 1])
     del mag, flat
-    return t.masked_fill_(t.abs() < m, 0.0)
+    return _zero_below(t, m)
+
+
+def _row_blocks(role: TensorRole, t: torch.Tensor) -> Sequence[torch.Tensor]:
+    """The q/k/v row blocks of a fused_linear tensor (views), or ``t`` itself."""
+    return t.chunk(role.blocks, dim=0) if role.role is Role.FUSED_LINEAR else (t,)
 
 
 class SignElectedMerge(Technique):
@@ -266,7 +326,8 @@ class SignElectedMerge(Technique):
         raise NotImplementedError
 
     def task_merge(self, x: MergeInputs) -> torch.Tensor:
-        return disjoint_merge(self.sparsify(x, x.task_vectors()), self.params["merge"])
+        # sparsify returns new tensors (of new task vectors): they are this call's own
+        return disjoint_merge(self.sparsify(x, x.task_vectors()), self.params["merge"], consume=True)
 
 
 # Global-trim prep passes: an exact streaming selection over the float32 bit patterns of |τ_i|.
@@ -274,12 +335,24 @@ class SignElectedMerge(Technique):
 # model is found by two histogram passes: the high 16 bits (pass 1) pick the bucket that holds the
 # k-th value and its rank inside the bucket; the low 16 bits of that bucket's entries (pass 2) give
 # the exact value. Histogram counts are summed by the engine in float64, exact up to 2^53 entries.
+# |τ_i| is formed slice by slice (θ_i − θ0 per slice), so a prep pass holds only its inputs.
 _HI_BINS = 1 << 15  # the sign bit of |x| is 0, so the high half-word is < 2^15
 _LO_BINS = 1 << 16
 
 
+#: entries per slice of the histogram passes: a 2^15-bin histogram is added per slice, so slices
+#: are larger than ``CHUNK`` (temporaries of a few MiB)
+_HIST_SLICE = 1 << 20
+
+
 def _abs_bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().to(torch.float32).contiguous().reshape(-1).view(torch.int32)
+
+
+def _tau_bits(x: MergeInputs, i: int) -> Iterable[torch.Tensor]:
+    """The float32 bit patterns of |τ_i| = |θ_i − θ0|, slice by slice (no tensor-sized copy)."""
+    for m, b in _flat_slices([x.models[i], x.base], _HIST_SLICE):
+        yield _abs_bits(m - b)
 
 
 def _select_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -311,17 +384,34 @@ class TIES(SignElectedMerge):
         check_choice(self.name, "trim", self.params["trim"], self.TRIMS)
 
     def task_merge(self, x: MergeInputs) -> torch.Tensor:
+        return self._merge_owned(x, x.task_vectors())
+
+    def merge(self, x: MergeInputs) -> torch.Tensor:
+        """θ0 + λ·τ_m, computed in the buffers of the models the caller owns (``x.owned``): τ_i
+        overwrites θ_i, τ_m overwrites τ_1, then the result (λ·τ_m + θ0, the same IEEE operations
+        as θ0 + λ·τ_m) overwrites τ_m. With both models owned, a tensor of d entries needs the
+        inputs plus one d-entry scratch copy (the partial sort), nothing else of its size."""
+        tau_m = self._merge_owned(x, x.take_task_vectors())
+        if x.lam != 1.0:  # 1·τ is τ exactly: skip a pass over the tensor
+            tau_m.mul_(x.lam)
+        return tau_m.add_(x.base)
+
+    def _merge_owned(self, x: MergeInputs, taus: list[torch.Tensor]) -> torch.Tensor:
+        """τ_m from task vectors this call owns (trimmed in place, τ_m written into ``taus[0]``)."""
         p, mode = self.params["p"], self.params["merge"]
-        taus = x.task_vectors()
         if self.params["trim"] == "global":
             thr = x.scalars.get("ties.threshold")
             if thr is None or len(thr) != len(taus):
                 raise ValueError(f"{self.name}: trim='global' needs scalars['ties.threshold'] for {len(taus)} models (run the prep passes)")
             for t, m in zip(taus, thr):
-                t.masked_fill_(t.abs() < float(m), 0.0)
-            return disjoint_merge(taus, mode, consume=True)
-        # the task vectors are this call's own tensors: trim and merge them in place
-        return per_block(x.role, lambda *ts: disjoint_merge([ties_trim_(t, p) for t in ts], mode, consume=True), *taus)
+                _zero_below(t, float(m))
+        else:
+            for t in taus:
+                for blk in _row_blocks(x.role, t):  # views: each fused block trimmed in place
+                    ties_trim_(blk, p)
+        # sign election and disjoint merge are elementwise: one call over the whole tensor gives
+        # the same values as one call per fused block
+        return disjoint_merge(taus, mode, consume=True)
 
     def prep_passes(self, n_models: int) -> list[PrepPass]:
         if self.params["trim"] != "global":
@@ -329,7 +419,10 @@ class TIES(SignElectedMerge):
         p = self.params["p"]
 
         def hi_stats(x: MergeInputs) -> dict[str, torch.Tensor]:
-            hist = torch.stack([torch.bincount(_abs_bits(t) >> 16, minlength=_HI_BINS) for t in x.task_vectors()])
+            hist = torch.zeros((len(x.models), _HI_BINS), dtype=torch.int64)
+            for i in range(len(x.models)):
+                for bits in _tau_bits(x, i):
+                    hist[i] += torch.bincount(bits >> 16, minlength=_HI_BINS)
             return {"ties.hist_hi": hist.to(torch.float64), "ties.count": torch.tensor(float(x.base.numel()), dtype=torch.float64)}
 
         def hi_finish(totals: dict[str, torch.Tensor], scalars: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,11 +438,11 @@ class TIES(SignElectedMerge):
             return {"ties.count": d, "ties.rank": k, "ties.bucket": buckets, "ties.bucket_rank": ranks}
 
         def lo_stats(x: MergeInputs) -> dict[str, torch.Tensor]:
-            rows = []
-            for t, b in zip(x.task_vectors(), x.scalars["ties.bucket"]):
-                bits = _abs_bits(t)
-                rows.append(torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=_LO_BINS))
-            return {"ties.hist_lo": torch.stack(rows).to(torch.float64)}
+            rows = torch.zeros((len(x.models), _LO_BINS), dtype=torch.int64)
+            for i, b in enumerate(x.scalars["ties.bucket"]):
+                for bits in _tau_bits(x, i):
+                    rows[i] += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=_LO_BINS)
+            return {"ties.hist_lo": rows.to(torch.float64)}
 
         def lo_finish(totals: dict[str, torch.Tensor], scalars: Mapping[str, Any]) -> dict[str, Any]:
             thresholds = []

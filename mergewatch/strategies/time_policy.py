@@ -161,10 +161,17 @@ class TimePolicy(Strategy):
 
     def _final(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
         merged: dict[str, torch.Tensor] = {"ft": inp.expert}
+        outputs = [self.deploy, *((self.init,) if self.init != "zs" else ()), *(("ema",) if "ema" in self.jobs else ())]
         if "ema" in self.jobs:
             merged["ema"] = inp.expert if self._ema_is_copy(ctx) else self.technique.merge(self._job_inputs("ema", meta, inp, ctx))
         if "all" in self.jobs:
-            merged["all"] = self.technique.merge(self._job_inputs("all", meta, inp, ctx))
+            # The ALL merge comes last: it may overwrite the experts the engine handed over
+            # (TensorInputs.owns; e.g. TIES computes τ_i in θ_i's buffer), except θ0 (also its
+            # base) and any tensor another output still is (ft, or the EMA when it copies θ_1).
+            x = self._job_inputs("all", meta, inp, ctx)
+            taken = {id(inp.base), *(id(merged[o]) for o in outputs if o != "all")}
+            x.owned = [inp.owns(m) and id(m) not in taken for m in x.models]
+            merged["all"] = self.technique.merge(x)
         out = {"deploy": merged[self.deploy]}
         if self.init != "zs":
             out["init"] = merged[self.init]
