@@ -28,7 +28,7 @@ Peak memory = private (anonymous) memory above the worker's idle baseline after 
 RSS beside it. Bound (the foundation issue): 6 × largest tensor + 64 MiB.
 
     python bench/dfcmm.py            # full run: the whole ViT-B/32 tower (12 blocks) for OPCM/NuFILT,
-                                     # 1 block for WUDI (its Adam costs ~50 s per block per implementation)
+                                     # 1 block for WUDI (the naive's autograd Adam costs ~50 CPU s per block)
     python bench/dfcmm.py --quick    # 1 block, no WUDI-Adam (< 3 min)
     python bench/dfcmm.py --methods opcm nufilt-full --blocks 4 --threads 2
 

@@ -16,7 +16,7 @@ from mergewatch.checkpoint.roles import Role, TensorRole
 from mergewatch.checkpoint.writer import write_safetensors_file
 from mergewatch.errors import ConfigError
 from mergewatch.strategies import METHODS, build_strategy
-from mergewatch.strategies.opcm import OPCM, opcm_update, project_update, projection_rank
+from mergewatch.strategies.opcm import OPCM, opcm_update, project_update, project_with, projection_rank, svd_factors
 from mergewatch.workspace import Workspace
 from tests.helpers import load_all, make_expert, make_open_clip_base, perturb
 
@@ -41,7 +41,7 @@ def rand(shape, seed: int) -> torch.Tensor:
 
 
 # The per-tensor projection ---------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11)])
+@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11), (13, 5)])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 0.95])
 def test_projected_update_has_zero_diagonal_and_top_left_block(shape, alpha):
     delta = decaying(*shape, seed=1).float()
@@ -91,7 +91,7 @@ def test_rank_zero_fallbacks():
     assert not torch.allclose(project_update(tau, delta, 0.99), project_update(tau, delta, 0.5), atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11)])
+@pytest.mark.parametrize("shape", [(6, 6), (9, 5), (4, 11), (13, 5)])
 def test_thin_svd_equals_full_svd_formulation(shape):
     delta = decaying(*shape, seed=5).float()
     tau = rand(shape, 6)
@@ -109,6 +109,28 @@ def test_thin_svd_equals_full_svd_formulation(shape):
     rmat[:r, :r] = q[:r, :r]
     want = tau.double() - u @ rmat @ vh
     torch.testing.assert_close(project_update(tau, delta, alpha).double(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (9, 5), (13, 5), (5, 13), (40, 6)])
+def test_svd_factors_are_a_thin_svd_of_delta(shape):
+    """Square and mildly rectangular Δ: LAPACK's SVD directly; long side ≥ 2× the short one: QR
+    first (float64), then the SVD of R. Either way U, V orthonormal, σ descending and U Σ Vᵀ = Δ."""
+    delta = decaying(*shape, seed=8).float()
+    f = svd_factors(delta)
+    p = min(shape)
+    assert f.u.shape == (shape[0], p) and f.vh.shape == (p, shape[1]) and f.sigma.shape == (p,)
+    assert f.u.dtype == f.vh.dtype == torch.float32 and f.sigma.dtype == torch.float64
+    eye = torch.eye(p, dtype=torch.float64)
+    torch.testing.assert_close(f.u.double().T @ f.u.double(), eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(f.vh.double() @ f.vh.double().T, eye, atol=1e-6, rtol=0)
+    assert bool((f.sigma[:-1] >= f.sigma[1:]).all())
+    torch.testing.assert_close(f.sigma, torch.linalg.svdvals(delta.double()), atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close((f.u.double() * f.sigma) @ f.vh.double(), delta.double(), atol=1e-6, rtol=0)
+    assert svd_factors(torch.zeros(shape)) is None
+    tau = rand(shape, 9)
+    assert torch.equal(project_with(tau, None, 0.5), tau)
+    with pytest.raises(ValueError, match="shape"):
+        project_with(tau.T.contiguous(), f, 0.5) if shape[0] != shape[1] else project_with(tau[:, :-1], f, 0.5)
 
 
 def test_fused_blocks_are_projected_separately():

@@ -31,7 +31,8 @@ from disk (``fresh``) and writes θ0 + S_t/λ_t. No model is ever held whole in 
 
 Choices where the spec leaves room (documented here, tested in ``tests/test_opcm.py``):
 
-* The SVD (and Q, R, U R Vᵀ) is computed in float64; τ̃ is cast to float32 before it is added to S.
+* The SVD is computed in float64 (a float32 SVD is not accurate enough: ``project_with``); Q,
+  R and U R Vᵀ are float32 products of the float64 singular vectors rounded to float32.
 * **Zero Δ** (a layer that no previous expert changed): r = 0 and *no* projection, τ̃ = τ. The
   singular vectors of a zero matrix are arbitrary (whatever LAPACK returns), so removing "the
   diagonal" of Q would remove components along meaningless directions. A non-zero but
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -75,46 +77,103 @@ def projection_rank(sigma: torch.Tensor, alpha: float) -> int:
     return int((c <= float(alpha)).sum())
 
 
-def project_update(tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OPCM's projected update τ̃ = τ − U R Vᵀ of one linear map (SPEC §3.1).
+@dataclass(frozen=True)
+class SVDFactors:
+    """The thin SVD Δ = U Σ Vᵀ of one linear map, computed in float64; U and Vᵀ kept in float32
+    (rounding the float64 vectors changes τ̃ by ~1e-9 of ‖S‖, measured on ViT-B/32-shaped
+    blocks), σ in float64 for the rank rule."""
 
-    ``delta`` (Δ = S_{t−1}, d_out × d_in) is decomposed by a thin SVD Δ = U Σ Vᵀ in float64; with
-    r = ``projection_rank(σ, alpha)``, Q = Uᵀ τ V and R = Q on its diagonal and its top-left r × r
-    block, the result has Uᵀ τ̃ V zero on exactly those entries. A zero Δ returns τ unchanged
-    (module docstring). Returns float32, the shape of ``tau``."""
-    if tau.dim() != 2 or tau.shape != delta.shape:
-        raise ValueError(f"opcm: projection needs two 2-D tensors of one shape, got {tuple(tau.shape)} and {tuple(delta.shape)}")
-    d64 = delta.to(torch.float64)
-    if not bool((d64 != 0).any()):
-        return tau.to(torch.float32).clone()
-    if d64.shape[0] < d64.shape[1]:
-        # LAPACK's SVD is markedly faster on the tall orientation: Δᵀ = V Σ Uᵀ gives the same factors
-        v, s, uh = torch.linalg.svd(d64.T, full_matrices=False)
-        u, vh = uh.T, v.T
+    u: torch.Tensor  # d_out × p, float32
+    sigma: torch.Tensor  # p, float64
+    vh: torch.Tensor  # p × d_in, float32
+
+
+def svd_factors(delta: torch.Tensor) -> SVDFactors | None:
+    """Thin float64 SVD of Δ, or ``None`` for a zero Δ (no directions to protect, module Decision).
+
+    This call is the step's memory peak (the float64 copy of Δ, LAPACK's own copy, U and its
+    workspace: ~9.6 float32 copies of Δ for 3072 × 768). **Decision** for a Δ whose long side is at
+    least twice its short side (the MLP matrices): QR first, Δ = Q R in float64 (wide Δ: Δᵀ), then
+    the SVD of the small square R = U_R Σ Vᵀ, and U = Q U_R as a float32 product. Same factors to
+    rounding (τ̃ moved by 2e-8 of ‖S‖ on 3072 × 768 benchmark blocks), same time (LAPACK's gesdd
+    takes the QR route itself for such shapes), 52 instead of 86 MiB above the inputs (measured).
+    A wide Δ is always decomposed as Δᵀ: LAPACK's SVD is markedly faster on the tall orientation
+    (measured 2.4× on 768 × 3072)."""
+    if delta.dim() != 2:
+        raise ValueError(f"opcm: projection needs a 2-D tensor, got shape {tuple(delta.shape)}")
+    if not bool(delta.any()):
+        return None
+    m, n = delta.shape
+    tall = delta.to(torch.float64) if m >= n else delta.T.to(torch.float64)  # long side first
+    if tall.shape[0] >= 2 * tall.shape[1]:
+        q, r = torch.linalg.qr(tall)
+        del tall
+        ur, s, vh = torch.linalg.svd(r, full_matrices=False)
+        del r
+        u = q.to(torch.float32)
+        del q
+        u = u @ ur.to(torch.float32)
     else:
-        u, s, vh = torch.linalg.svd(d64, full_matrices=False)
-    del d64
-    r = projection_rank(s, alpha)
-    # Only the entries of Q = Uᵀ τ V that R keeps are formed, and U R Vᵀ is subtracted in place:
-    # U R Vᵀ = U diag(Q) Vᵀ + U_r (Q_r − diag(Q_r)) V_rᵀ (Q_r: the top-left r × r block).
-    out = tau.to(torch.float64, copy=True)  # becomes τ − U R Vᵀ
-    tv = out @ vh.T  # τ V (d_out × p)
+        u, s, vh = torch.linalg.svd(tall, full_matrices=False)
+        del tall
+        u = u.to(torch.float32)
+    vh = vh.to(torch.float32)
+    # the factors of Δᵀ = V Σ Uᵀ for a wide Δ: swap and transpose back
+    return SVDFactors(u, s, vh) if m >= n else SVDFactors(vh.T, s, u.T)
+
+
+def project_with(tau: torch.Tensor, f: SVDFactors | None, alpha: float) -> torch.Tensor:
+    """τ̃ = τ − U R Vᵀ from precomputed factors of Δ (SPEC §3.1); ``None`` (zero Δ): τ unchanged.
+
+    With r = ``projection_rank(σ, alpha)`` only the entries of Q = Uᵀ τ V that R keeps are formed:
+    U R Vᵀ = U diag(Q) Vᵀ + U_r (Q_r − diag(Q_r)) V_rᵀ (Q_r: the top-left r × r block), subtracted
+    in place. **Decision**: these products run in float32 (the SVD itself stays float64, which the
+    formula needs: with float32 singular vectors the result moved by 3e-2 of ‖S‖ on the benchmark's
+    task vectors, whose small singular values are close together); float32 products change τ̃ by
+    float32 rounding only (~1e-7 relative) and halve their cost. Returns float32."""
+    tau = tau.to(torch.float32)
+    if f is None:
+        return tau.clone()
+    if tau.shape != (f.u.shape[0], f.vh.shape[1]):
+        raise ValueError(f"opcm: τ has shape {tuple(tau.shape)}, Δ had {(f.u.shape[0], f.vh.shape[1])}")
+    u, vh = f.u, f.vh
+    r = projection_rank(f.sigma, alpha)
+    tv = tau @ vh.T  # τ V (d_out × p)
     q_top = u[:, :r].T @ tv[:, :r] if r > 0 else None
     q_diag = tv.mul_(u).sum(dim=0)  # Q_kk = u_kᵀ τ v_k for all p pairs
     del tv
+    out = tau.clone()  # becomes τ − U R Vᵀ
     out.addmm_(u, q_diag[:, None] * vh, alpha=-1.0)
     if q_top is not None:
         q_top.diagonal().zero_()
         out.addmm_(u[:, :r], q_top @ vh[:r], alpha=-1.0)
-    return out.to(torch.float32)
+    return out
+
+
+def project_update(tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OPCM's projected update τ̃ = τ − U R Vᵀ of one linear map (SPEC §3.1): ``svd_factors`` of
+    ``delta`` (Δ = S_{t−1}, d_out × d_in) then ``project_with``. The result has Uᵀ τ̃ V zero on
+    the diagonal and on the top-left r × r block; a zero Δ returns τ unchanged (module docstring).
+    Returns float32, the shape of ``tau``."""
+    if tau.dim() != 2 or tau.shape != delta.shape:
+        raise ValueError(f"opcm: projection needs two 2-D tensors of one shape, got {tuple(tau.shape)} and {tuple(delta.shape)}")
+    return project_with(tau, svd_factors(delta), alpha)
+
+
+def _require_matrix(role: TensorRole, x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"opcm: a '{role.role.value}' tensor must be 2-D (out × in), got shape {tuple(x.shape)}; fix the role table")
+
+
+def _blocks(role: TensorRole) -> int:
+    return role.blocks if role.role is Role.FUSED_LINEAR else 1
 
 
 def opcm_update(role: TensorRole, tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
     """τ̃ for one tensor by role: ``linear`` → ``project_update``; ``fused_linear`` → each row block
     (q, k, v) projected against its own block of Δ, then re-stacked; ``other`` → τ unchanged."""
     if role.role is Role.LINEAR or role.role is Role.FUSED_LINEAR:
-        if tau.dim() != 2:
-            raise ValueError(f"opcm: a '{role.role.value}' tensor must be 2-D (out × in), got shape {tuple(tau.shape)}; fix the role table")
+        _require_matrix(role, tau)
         return per_block(role, lambda t, d: project_update(t, d, alpha), tau, delta)
     return tau
 
@@ -171,9 +230,21 @@ class OPCM(Strategy):
         return PassOutput(tensors={"S": tau, "deploy": inp.expert}, stats={"opcm.S_sq": _sq(tau), "opcm.tau_sq": _sq(tau)})
 
     def _project(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
-        tau = inp.expert - inp.base
         prev = inp.state["S"]
-        s_new = prev + opcm_update(meta.role, tau, prev, self.alpha)
+        if meta.role.role is Role.LINEAR or meta.role.role is Role.FUSED_LINEAR:
+            _require_matrix(meta.role, prev)
+            # The SVDs first, τ afterwards: the float64 SVD is the step's memory peak and τ is not
+            # needed for it (same result as ``opcm_update``, one model-tensor less at the peak).
+            factors = [svd_factors(d) for d in prev.chunk(_blocks(meta.role), dim=0)]
+            tau = inp.expert - inp.base
+            parts = [project_with(t, f, self.alpha) for t, f in zip(tau.chunk(len(factors), dim=0), factors)]
+            del factors
+            update = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            del parts
+            s_new = update.add_(prev)
+        else:
+            tau = inp.expert - inp.base
+            s_new = prev + tau
         return PassOutput(tensors={"S": s_new}, stats={"opcm.S_sq": _sq(s_new), "opcm.tau_sq": _sq(tau)})
 
     def _reduce(self, totals: dict[str, torch.Tensor], ctx: StepContext) -> dict:

@@ -17,7 +17,8 @@ Two solvers (``solver``):
 
 * ``"adam"`` (default): the reference continual form used as the NuFILT paper's baseline. t = 1:
   M_1 = τ_1. t ≥ 2: WUDI on the *pair* {M_{t−1}, τ_t}, starting from M_{t−1} + τ_t, Adam (lr 1e-5,
-  betas 0.9/0.999, eps 1e-8, no weight decay) for 50 full-batch steps in float32 (``wudi_adam``);
+  betas 0.9/0.999, eps 1e-8, no weight decay) for 50 full-batch steps in float32 (``wudi_adam``,
+  with the analytic gradient ∇L below instead of autograd: no graph, ~5 copies of the layer);
   ``other`` tensors M_t = (M_{t−1} + τ_t)/2 (so older experts' weight halves at every step, as in the
   reference: it is not the mean over all experts). State: ``"merged"`` = M_t (float32).
 * ``"exact"``: the closed form, continual over *all* experts so far. State per linear map: the
@@ -77,20 +78,125 @@ def wudi_loss(x: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+class WudiGradient:
+    """The analytic gradient ∇L(x) = 2 Σ_i (x − τ_i) G_i of ``wudi_loss``, G_i = τ_iᵀ τ_i / ‖τ_i‖²_F
+    (zero τ_i skipped), with preallocated buffers: no autograd graph and no allocation per call.
+
+    Two evaluation orders, chosen by shape (same gradient to float32 rounding, tested against
+    autograd; the residual x − τ_i is always formed first, as autograd does, so nothing large
+    cancels):
+
+    * d_in ≤ d_out ("gram", attention and the first MLP matrix): 2 G_i precomputed once (float64,
+      rounded to float32), then one (d_out × d_in) · (d_in × d_in) product per τ_i per call.
+    * d_in > d_out ("rows", the second MLP matrix): ((x − τ_i) τ_iᵀ) (2/‖τ_i‖²) τ_i, autograd's own
+      order, through a d_out × d_out buffer; G_i would be d_in × d_in (36 MiB for 3072).
+
+    Cost per call: 2 d_out d_in² per τ_i ("gram") or 4 d_out² d_in ("rows"); autograd's forward
+    and backward cost 4 d_out² d_in per τ_i and keep the d_out × d_out products of the graph
+    (3072² for the first MLP matrix)."""
+
+    def __init__(self, taus: Sequence[torch.Tensor]):
+        taus = [t.detach().to(torch.float32) for t in taus]
+        if not taus or any(t.dim() != 2 or t.shape != taus[0].shape for t in taus):
+            raise ValueError(f"wudi: the gradient needs 2-D task vectors of one shape, got {[tuple(t.shape) for t in taus]}")
+        d_out, d_in = taus[0].shape
+        self.mode = "gram" if d_in <= d_out else "rows"
+        self.terms: list[tuple[torch.Tensor, torch.Tensor | float]] = []
+        for tau in taus:
+            n2 = (tau * tau).sum()
+            if not float(n2) > 0.0:
+                continue
+            if self.mode == "gram":
+                t64 = tau.to(torch.float64)
+                self.terms.append((tau, ((t64.T @ t64) * (2.0 / float(n2))).to(torch.float32)))
+            else:
+                self.terms.append((tau, n2))
+        self._resid = torch.empty((d_out, d_in))
+        self._grad = torch.empty((d_out, d_in))
+        self._rows = torch.empty((d_out, d_out)) if self.mode == "rows" and self.terms else None
+
+    @property
+    def scratch(self) -> torch.Tensor:
+        """A d_out × d_in buffer that is free between calls (``wudi_adam`` reuses it)."""
+        return self._resid
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """∇L(x) (float32) in an internal buffer that the next call overwrites."""
+        g, d = self._grad, self._resid
+        if not self.terms:
+            return g.zero_()
+        for i, (tau, stat) in enumerate(self.terms):
+            torch.sub(x, tau, out=d)
+            if self.mode == "gram":
+                if i == 0:
+                    torch.mm(d, stat, out=g)
+                else:
+                    g.addmm_(d, stat)
+            else:
+                e = torch.mm(d, tau.T, out=self._rows).mul_(2).div_(stat)
+                if i == 0:
+                    torch.mm(e, tau, out=g)
+                else:
+                    g.addmm_(e, tau)
+        return g
+
+
 def wudi_adam(
-    taus: Sequence[torch.Tensor], init: torch.Tensor, *, lr: float = 1e-5, steps: int = 50, betas: tuple[float, float] = ADAM_BETAS
+    taus: Sequence[torch.Tensor],
+    init: torch.Tensor,
+    *,
+    lr: float = 1e-5,
+    steps: int = 50,
+    betas: tuple[float, float] = ADAM_BETAS,
+    overwrite_init: bool = False,
 ) -> torch.Tensor:
     """Minimise ``wudi_loss`` from ``init`` with Adam (eps 1e-8, no weight decay) for ``steps``
-    full-batch steps, in float32: the reference solver. Returns the detached float32 result."""
-    taus32 = [t.detach().to(torch.float32) for t in taus]
-    with torch.enable_grad():
-        x = init.detach().to(torch.float32).clone().requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0, foreach=False)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            wudi_loss(x, taus32).backward()
-            opt.step()
-    return x.detach()
+    full-batch steps, in float32: the reference solver. Returns the float32 result.
+
+    The gradient is ``WudiGradient`` (analytic, no autograd graph) and the update is
+    ``torch.optim.Adam``'s single-tensor step written out with the same operations in the same order
+    (bit-identical to it for the same gradients, tested), so that its d_out × d_in temporary goes
+    into the gradient's free buffer. Working set: x, Adam's two moments, the gradient and one
+    buffer (5 copies of the tensor) instead of autograd's graph. ``overwrite_init``: ``init`` (a
+    float32 tensor the caller no longer needs) becomes the optimisation variable, saving a copy."""
+    grad_fn = WudiGradient(taus)
+    if overwrite_init and init.dtype == torch.float32 and init.is_contiguous() and not init.requires_grad:
+        x = init
+    else:
+        x = init.detach().to(torch.float32, copy=True)
+    if x.shape != grad_fn.scratch.shape:
+        raise ValueError(f"wudi: init has shape {tuple(x.shape)}, the task vectors {tuple(grad_fn.scratch.shape)}")
+    exp_avg, exp_avg_sq = torch.zeros_like(x), torch.zeros_like(x)
+    for step in range(1, steps + 1):
+        adam_step_(x, grad_fn(x), exp_avg, exp_avg_sq, step, lr=lr, betas=betas, buffer=grad_fn.scratch)
+    return x
+
+
+def adam_step_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    *,
+    lr: float,
+    betas: tuple[float, float] = ADAM_BETAS,
+    eps: float = ADAM_EPS,
+    buffer: torch.Tensor | None = None,
+) -> None:
+    """Step ``step`` (1-based) of ``torch.optim.Adam`` (foreach=False, capturable=False, no weight
+    decay, no amsgrad) on ``x`` in place: the operations of torch/optim/adam.py's
+    ``_single_tensor_adam`` in their order, with its one temporary (the denominator) written into
+    ``buffer`` when given. Bit-identical to ``torch.optim.Adam`` (tested)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    denom = torch.sqrt(exp_avg_sq, out=buffer) if buffer is not None else exp_avg_sq.sqrt()
+    denom.div_(bias_correction2**0.5).add_(eps)
+    x.addcdiv_(exp_avg, denom, value=-step_size)
 
 
 def gram_stats(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +314,7 @@ class WUDI(Strategy):
             prm = self.params
 
             def pair(m_prev: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
-                return wudi_adam([m_prev, tau_t], m_prev + tau_t, lr=prm["lr"], steps=prm["steps"])
+                return wudi_adam([m_prev, tau_t], m_prev + tau_t, lr=prm["lr"], steps=prm["steps"], overwrite_init=True)
 
             m = per_block(meta.role, pair, inp.state["merged"], tau)
         else:
