@@ -33,17 +33,10 @@ from mergewatch.strategies.nino import (
     type_segments,
 )
 from mergewatch.workspace import Workspace
-from tests.helpers import load_all, make_expert, make_open_clip_base
+from tests.helpers import CONF, NINO, load_all, make_expert, make_open_clip_base, needs_nino
 
-NINO = Path(__file__).resolve().parents[1].parent / "shared" / "nino"
-CONF = NINO / "conformance"
 MLP_CKPT = NINO / "checkpoints" / "nino_mlp.pt"
 TOL = 1e-6  # fixtures.json: mlp.tolerance_max_abs
-
-needs_nino = pytest.mark.skipif(
-    not (CONF / "fixtures.json").is_file(),
-    reason=f"{NINO} is absent: the NiNo checkpoints and conformance fixtures live beside the repository (CI has them)",
-)
 
 
 # Helpers -----------------------------------------------------------------------------------------

@@ -38,17 +38,10 @@ from mergewatch.strategies.nino_gnn import (
     vit_spec,
 )
 from mergewatch.workspace import Workspace
-from tests.helpers import TINY_CLIP, load_all, make_expert, make_open_clip_base, perturb, tiny_clip_state
+from tests.helpers import CONF, NINO, TINY_CLIP, load_all, make_expert, make_open_clip_base, needs_nino, perturb, tiny_clip_state
 
-NINO = Path(__file__).resolve().parents[1].parent / "shared" / "nino"
-CONF = NINO / "conformance"
 GNN_CKPT = NINO / "checkpoints" / "nino_no_posw.pt"
 TOL = 1e-5  # fixtures.json: gnn.tolerance_max_abs_suggested
-
-needs_nino = pytest.mark.skipif(
-    not (CONF / "fixtures.json").is_file(),
-    reason=f"{NINO} is absent: the NiNo checkpoints and conformance fixtures live beside the repository (CI has them)",
-)
 
 
 # Helpers -----------------------------------------------------------------------------------------
