@@ -231,14 +231,12 @@ def _refuse(path, msg: str) -> ValueError:
     return ValueError(f"'checkpoint' {path}: {msg}")
 
 
-def load_nino_mlp(path: str | Path) -> NinoMLP:
-    """Load and validate a NiNo-MLP checkpoint (``nino_mlp.pt``, ``nino_mlp_h32.pt``).
-
-    Raises ``ValueError`` naming the parameter ``'checkpoint'`` for a missing path, an unreadable
-    or non-weights-only file, a NiNo-GNN checkpoint, unknown or missing keys, wrong shapes or
-    non-finite values."""
+def read_nino_checkpoint(path: str | Path, what: str) -> tuple[Path, str, Mapping, Mapping]:
+    """``(path, sha256, state_dict, model_args)`` of a NiNo checkpoint, read with
+    ``torch.load(weights_only=True)`` only; ``ValueError`` naming ``'checkpoint'`` for a missing path,
+    an unreadable or non-weights-only file, or a file that is not ``{"state_dict", "model_args"}``."""
     if not str(path):
-        raise ValueError("'checkpoint' is required: the path of a local NiNo-MLP checkpoint (e.g. nino_mlp.pt)")
+        raise ValueError(f"'checkpoint' is required: the path of a local {what}")
     p = Path(path).expanduser()
     if not p.is_file():
         raise _refuse(p, "no such file (NiNo checkpoints are never downloaded; give a local path)")
@@ -253,12 +251,21 @@ def load_nino_mlp(path: str | Path) -> NinoMLP:
         raise _refuse(p, f"not a weights-only PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(obj, Mapping) or "state_dict" not in obj:
         raise _refuse(p, "expected a dict with 'state_dict' and 'model_args' (a NiNo checkpoint)")
-    sd = obj["state_dict"]
-    args = obj.get("model_args", {})
+    sd, args = obj["state_dict"], obj.get("model_args", {})
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise _refuse(p, "'state_dict' must map names to tensors")
     if not isinstance(args, Mapping):
         raise _refuse(p, "'model_args' must be a dict")
+    return p, sha, sd, args
+
+
+def load_nino_mlp(path: str | Path) -> NinoMLP:
+    """Load and validate a NiNo-MLP checkpoint (``nino_mlp.pt``, ``nino_mlp_h32.pt``).
+
+    Raises ``ValueError`` naming the parameter ``'checkpoint'`` for a missing path, an unreadable
+    or non-weights-only file, a NiNo-GNN checkpoint, unknown or missing keys, wrong shapes or
+    non-finite values."""
+    p, sha, sd, args = read_nino_checkpoint(path, "NiNo-MLP checkpoint (e.g. nino_mlp.pt)")
     if args.get("gnn") is not False or any(k.startswith(("gnn.", "node_proj.", "edge_out.")) for k in sd):
         raise _refuse(
             p,

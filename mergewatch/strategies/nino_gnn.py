@@ -53,7 +53,6 @@ Results are "approximate, stochastic" whenever sampling is on or the eigenvector
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import re
@@ -65,7 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergewatch.strategies.nino import CONTEXT, HORIZONS, N_TYPE_IDS, MetaMergeError, _moments, _pool, context_order
+from mergewatch.strategies.nino import CONTEXT, HORIZONS, N_TYPE_IDS, MetaMergeError, _moments, _pool, context_order, read_nino_checkpoint
 
 #: Values per edge (a 3×3 conv kernel) and edge input width (slots × context states).
 SLOTS = 9
@@ -264,27 +263,7 @@ def load_nino_gnn(path: str | Path) -> NinoGNN:
     Raises ``ValueError`` naming ``'checkpoint'`` for a missing path, an unreadable or
     non-weights-only file, a NiNo-MLP checkpoint, unknown or missing keys, wrong shapes or non-finite
     values. Hidden size H comes from ``layer_embed.weight`` (15 × H); every other shape follows."""
-    if not str(path):
-        raise ValueError("'checkpoint' is required: the path of a local NiNo-GNN checkpoint (nino_no_posw.pt)")
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise _refuse(p, "no such file (NiNo checkpoints are never downloaded; give a local path)")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise _refuse(p, f"cannot read: {e.strerror or e}") from e
-    sha = hashlib.sha256(raw).hexdigest()
-    try:
-        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
-        raise _refuse(p, f"not a weights-only PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
-    if not isinstance(obj, Mapping) or "state_dict" not in obj:
-        raise _refuse(p, "expected a dict with 'state_dict' and 'model_args' (a NiNo checkpoint)")
-    sd, args = obj["state_dict"], obj.get("model_args", {})
-    if not isinstance(sd, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise _refuse(p, "'state_dict' must map names to tensors")
-    if not isinstance(args, Mapping):
-        raise _refuse(p, "'model_args' must be a dict")
+    p, sha, sd, args = read_nino_checkpoint(path, "NiNo-GNN checkpoint (nino_no_posw.pt)")
     if args.get("gnn", True) is False or not any(k.startswith("gnn.") for k in sd):
         raise _refuse(p, f"not a NiNo-GNN checkpoint (model_args={dict(args)!r}, no gnn.* keys); NiNo-MLP checkpoints such as nino_mlp.pt belong to method 'metamerge'")
     if args.get("wte_pos_enc"):
