@@ -124,7 +124,28 @@ class MetaMerge(Strategy):
         "threads": 0,
     }
 
+    #: parameters that are path strings (checked by ``_checked``)
+    path_params: ClassVar[tuple[str, ...]] = ("checkpoint",)
+
     def __init__(self, params: Mapping[str, Any]):
+        merged = self._checked(params)
+        rows = self._integer(merged, "chunk_rows", 1, "a positive integer")
+        threads = merged["threads"]
+        try:
+            self.net = load_nino_mlp(merged["checkpoint"])
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from e
+        super().__init__(merged)
+        self.upd_scale = merged["upd_scale"]
+        self.fold = merged["fold"]
+        self.chain = merged["slot0"] == "chained"
+        self.chunk_rows = rows
+        self.threads = threads
+
+    def _checked(self, params: Mapping[str, Any]) -> dict:
+        """``params`` over the defaults, with the checks both NiNo variants share: no unknown names,
+        ``upd_scale`` ≥ 0, ``fold`` and ``slot0`` from their choices, ``threads`` ≥ 0, and the
+        ``path_params`` strings."""
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
@@ -136,24 +157,17 @@ class MetaMerge(Strategy):
         for key, allowed in (("fold", FOLDS), ("slot0", SLOT0)):
             if merged[key] not in allowed:
                 raise ValueError(f"{self.name}: parameter '{key}' must be one of {', '.join(allowed)}, got {merged[key]!r}")
-        rows = merged["chunk_rows"]
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"{self.name}: parameter 'chunk_rows' must be a positive integer, got {rows!r}")
-        threads = merged["threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise ValueError(f"{self.name}: parameter 'threads' must be an integer >= 0 (0: torch's thread count), got {threads!r}")
-        if not isinstance(merged["checkpoint"], str):
-            raise ValueError(f"{self.name}: parameter 'checkpoint' must be a path string, got {merged['checkpoint']!r}")
-        try:
-            self.net = load_nino_mlp(merged["checkpoint"])
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from e
-        super().__init__(merged)
-        self.upd_scale = merged["upd_scale"]
-        self.fold = merged["fold"]
-        self.chain = merged["slot0"] == "chained"
-        self.chunk_rows = rows
-        self.threads = threads
+        self._integer(merged, "threads", 0, "an integer >= 0 (0: torch's thread count)")
+        for key in self.path_params:
+            if not isinstance(merged[key], str):
+                raise ValueError(f"{self.name}: parameter '{key}' must be a path string, got {merged[key]!r}")
+        return merged
+
+    def _integer(self, merged: dict, key: str, lo: int, what: str) -> int:
+        v = merged[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{self.name}: parameter '{key}' must be {what}, got {v!r}")
+        return v
 
     # Declarations ------------------------------------------------------------------------------
     def buffer_need(self) -> BufferNeed:
@@ -318,36 +332,19 @@ class MetaMergeGNN(MetaMerge):
         "threads": 0,
     }
 
+    path_params: ClassVar[tuple[str, ...]] = ("checkpoint", "lpe", "lpe_cache")
+
     def __init__(self, params: Mapping[str, Any]):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        merged = {**self.defaults, **params}
-        lam = merged["upd_scale"]
-        if not is_finite_number(lam) or float(lam) < 0.0:
-            raise ValueError(f"{self.name}: parameter 'upd_scale' must be a finite number >= 0, got {lam!r}")
-        merged["upd_scale"] = float(lam)
-        for key, allowed in (("fold", FOLDS), ("slot0", SLOT0)):
-            if merged[key] not in allowed:
-                raise ValueError(f"{self.name}: parameter '{key}' must be one of {', '.join(allowed)}, got {merged[key]!r}")
-        heads = merged["heads"]
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
-            raise ValueError(f"{self.name}: parameter 'heads' must be an integer >= 0 (0: width // 64), got {heads!r}")
+        merged = self._checked(params)
+        heads = self._integer(merged, "heads", 0, "an integer >= 0 (0: width // 64)")
         if not isinstance(merged["subgraph"], bool):
             raise ValueError(f"{self.name}: parameter 'subgraph' must be true or false, got {merged['subgraph']!r}")
         ratio = merged["edge_sample_ratio"]
         if not is_finite_number(ratio) or not 0.0 <= float(ratio) <= 1.0:
             raise ValueError(f"{self.name}: parameter 'edge_sample_ratio' must be a number in [0, 1] (0: every edge), got {ratio!r}")
         merged["edge_sample_ratio"] = float(ratio)
-        rows = merged["chunk_edges"]
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-            raise ValueError(f"{self.name}: parameter 'chunk_edges' must be a positive integer, got {rows!r}")
+        rows = self._integer(merged, "chunk_edges", 1, "a positive integer")
         threads = merged["threads"]
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise ValueError(f"{self.name}: parameter 'threads' must be an integer >= 0 (0: torch's thread count), got {threads!r}")
-        for key in ("checkpoint", "lpe", "lpe_cache"):
-            if not isinstance(merged[key], str):
-                raise ValueError(f"{self.name}: parameter '{key}' must be a path string, got {merged[key]!r}")
         try:
             self.net = load_nino_gnn(merged["checkpoint"])
         except ValueError as e:
