@@ -44,7 +44,6 @@ import cProfile
 import hashlib
 import io
 import json
-import os
 import pstats
 import shutil
 import sys
@@ -65,6 +64,7 @@ from common import (  # noqa: E402
     run_worker,
     warm,
 )
+from mergewatch.checkpoint.writer import fsync_path  # noqa: E402
 
 ARCH = ModelSpec("ViT-B-32", "visual")
 SEED = 0  # the config seed (SPEC §0) of ours; naive derives NuFILT's LoRA init from it the same way
@@ -160,14 +160,6 @@ def worker_ours(args: dict, meter) -> dict:
 
 
 # Naive: whole state dicts, the SPEC formulas written out directly -------------------------------
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save(out_dir: Path, tensors: dict[str, dict]) -> dict:
     from safetensors.torch import save_file
 
@@ -175,9 +167,9 @@ def _save(out_dir: Path, tensors: dict[str, dict]) -> dict:
     for name, d in tensors.items():
         p = out_dir / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in d.items()}, str(p))
-        _fsync(p)
+        fsync_path(p)
         paths[name] = str(p)
-    _fsync(out_dir)
+    fsync_path(out_dir)
     return paths
 
 

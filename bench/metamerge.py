@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT_DIR, REPO, ModelSpec, ensure_checkpoints, fmt_bytes, fmt_table, run_worker, warm  # noqa: E402
+from mergewatch.checkpoint.writer import fsync_path  # noqa: E402
 
 GiB = 1 << 30
 DEFAULT_CKPT = REPO.parent / "shared" / "nino" / "checkpoints" / "nino_mlp.pt"
@@ -48,14 +48,6 @@ UPD_SCALE = 2.5
 HORIZONS = (1, 2, 3, 4, 5)
 GOAL_RSS = 2 * GiB
 GOAL_SPEEDUP = 4.0
-
-
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Workers (fresh interpreters via common.run_worker) ---------------------------------------------
@@ -159,8 +151,8 @@ def worker_straight(args: dict, meter) -> dict:
         t = time.perf_counter()
         p = out_dir / "model.safetensors"
         save_file(merged, str(p))
-        _fsync(p)
-        _fsync(out_dir)
+        fsync_path(p)
+        fsync_path(out_dir)
         times["save"] = time.perf_counter() - t
     return {"times": times, "deploy": str(p)}
 

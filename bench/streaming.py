@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     run_worker,
     warm,
 )
+from mergewatch.checkpoint.writer import fsync_path  # noqa: E402
 
 DEFAULT_MODELS = ("ViT-B-32:visual", "ViT-L-14")
 QUICK_MODELS = ("ViT-B-32:visual",)
@@ -122,14 +123,6 @@ def worker_ours(args: dict, meter) -> dict:
     }
 
 
-def _fsync(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def worker_naive_wa(args: dict, meter) -> dict:
     """Whole-model EMA step: θ_ema = w θ_2 + (1 − w) θ_ema(1); outputs state, deploy, init."""
     from safetensors.torch import load_file, save_file
@@ -156,8 +149,8 @@ def worker_naive_wa(args: dict, meter) -> dict:
         for name, d in (("ema", ema), ("deploy", view), ("init", view)):
             p = out_dir / f"{name}.safetensors"
             save_file(d, str(p))
-            _fsync(p)
-        _fsync(out_dir)
+            fsync_path(p)
+        fsync_path(out_dir)
         times["save"] = time.perf_counter() - t
     return {"times": times, "outputs": {n: str(out_dir / f"{n}.safetensors") for n in ("ema", "deploy", "init")}}
 
@@ -225,8 +218,8 @@ def worker_naive_ties(args: dict, meter) -> dict:
         t = time.perf_counter()
         p = out_dir / "deploy.safetensors"
         save_file(deploy, str(p))
-        _fsync(p)
-        _fsync(out_dir)
+        fsync_path(p)
+        fsync_path(out_dir)
         times["save"] = time.perf_counter() - t
     return {"times": times, "outputs": {"deploy": str(p)}}
 
