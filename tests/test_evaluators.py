@@ -24,7 +24,7 @@ from mergewatch.checkpoint.writer import write_safetensors_file
 from mergewatch.demo import TINY_CLIP, tiny_clip_state
 from mergewatch.errors import ConfigError
 from mergewatch.eval.base import EvalError
-from mergewatch.eval.evaluators import EVALUATORS, build_evaluator, set_threads
+from mergewatch.eval.evaluators import EVALUATORS, build_evaluator, eval_threads
 from mergewatch.eval.settings import parse_eval
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
@@ -509,8 +509,7 @@ def test_registry_and_threads(rig):
     with pytest.raises(ConfigError, match="not one of"):
         build_evaluator(replace(s, evaluator="knn"), rig.root / "base.safetensors", "open_clip_full")
     before = torch.get_num_threads()
-    try:
-        set_threads(replace(s, threads=1))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    want = 1 if before != 1 else 2
+    with eval_threads(replace(s, threads=want)):
+        assert torch.get_num_threads() == want
+    assert torch.get_num_threads() == before  # the caller's count is restored (the batch CLI merges with it)

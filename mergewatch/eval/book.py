@@ -12,6 +12,7 @@ next expert is fine-tuned from and is never held back by the gate.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from mergewatch.eval import runner
 
@@ -56,7 +57,9 @@ class EvalBook:
 
     def pending(self) -> list[EvalJob]:
         """Versions with no successful evaluation and attempts left (θ0 first, then by step)."""
-        rows = self.latest_rows()
+        all_rows = self.ledger.evaluations()
+        rows = {(r["view"], r["version"]): r for r in all_rows}  # the latest row per version wins
+        tries = Counter((r["view"], r["version"]) for r in all_rows)
         limit = 1 + self.settings.eval.retries
         jobs = [EvalJob(runner.BASE_VIEW, 0, 0, str(self.settings.base))]
         published = set(self.deploy.versions())
@@ -68,7 +71,7 @@ class EvalBook:
             row = rows.get(job.key)
             if row is not None and row["metrics"].get("status") == "ok":
                 continue
-            if row is not None and self.attempts(job.key) >= limit:
+            if tries[job.key] >= limit:
                 continue
             out.append(job)
         return out

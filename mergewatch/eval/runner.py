@@ -45,20 +45,20 @@ def evaluate_checkpoint(settings, table_name: str, model_view, *, progress=None)
 
     ``{"evaluator", "tasks": {name: {"accuracy", "n", "seconds"}}, "seconds"}``. Raises ``EvalError``
     (or any exception of the evaluator: the caller records it as a failed evaluation)."""
-    import torch
+    from mergewatch.eval.evaluators import eval_threads
 
     t0 = time.monotonic()
-    torch.set_num_threads(settings.eval.threads)
-    ev = _evaluator(settings, table_name)
     tasks = {}
-    for i, task in enumerate(settings.eval.tasks):
-        res = ev.evaluate(model_view, task)
-        acc = float(res["accuracy"])
-        if not 0.0 <= acc <= 1.0:
-            raise EvalError(f"task {task.name!r}: the evaluator returned accuracy {acc}, outside [0, 1]")
-        tasks[task.name] = {"accuracy": acc, "n": int(res["n"]), "seconds": round(float(res.get("seconds", 0.0)), 6)}
-        if progress is not None:
-            progress(task.name, i + 1, len(settings.eval.tasks))
+    with eval_threads(settings.eval):
+        ev = _evaluator(settings, table_name)
+        for i, task in enumerate(settings.eval.tasks):
+            res = ev.evaluate(model_view, task)
+            acc = float(res["accuracy"])
+            if not 0.0 <= acc <= 1.0:
+                raise EvalError(f"task {task.name!r}: the evaluator returned accuracy {acc}, outside [0, 1]")
+            tasks[task.name] = {"accuracy": acc, "n": int(res["n"]), "seconds": round(float(res.get("seconds", 0.0)), 6)}
+            if progress is not None:
+                progress(task.name, i + 1, len(settings.eval.tasks))
     return {"evaluator": settings.eval.evaluator, "tasks": tasks, "seconds": round(time.monotonic() - t0, 6)}
 
 

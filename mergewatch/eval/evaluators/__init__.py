@@ -7,6 +7,8 @@ worker then calls ``evaluator.evaluate(model_view, task)`` for each version and 
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -37,6 +39,13 @@ def build_evaluator(settings, base_path: Path, table_name: str):
     return cls(settings, Path(base_path), table_name)
 
 
-def set_threads(settings) -> None:
-    """Apply ``eval.threads`` to torch in the calling (worker) process."""
+@contextlib.contextmanager
+def eval_threads(settings):
+    """Run the block with ``eval.threads`` torch threads, then restore the caller's count (the batch
+    CLI evaluates in the process that merges; the daemon's worker process is its own)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
