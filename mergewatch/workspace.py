@@ -32,8 +32,8 @@ from mergewatch.errors import MergewatchError
 from mergewatch.faults import crash_point
 from mergewatch.strategies import build_strategy
 from mergewatch.strategies.base import VIEWS, BufferNeed, StepContext
-from mergewatch.strategies.engine import Progress, build_model_info, run_step
-from mergewatch.strategies.state import StateSnapshot, StateStore
+from mergewatch.strategies.engine import Progress, build_model_info, run_prepare, run_step
+from mergewatch.strategies.state import StateError, StateSnapshot, StateStore
 
 
 class WorkspaceError(MergewatchError):
@@ -50,6 +50,17 @@ class StepOutcome:
     seconds: float = 0.0  # the whole step
     merge_seconds: float = 0.0  # strategy step + state commit
     publish_seconds: float = 0.0
+    #: the prepared sets of the previous state: "used", "none" (nothing prepared: computed in the
+    #: step) or "unusable: <reason>" (ignored and removed; computed in the step)
+    prepared: str = "none"
+
+
+@dataclass
+class PrepareOutcome:
+    step: int  # the committed step the sets were prepared from (for step + 1)
+    sets: dict[str, str]  # prepared set -> content sha256
+    seconds: float
+    bytes_written: int
 
 
 class Workspace:
@@ -143,6 +154,17 @@ class Workspace:
         experts = [self.store.open(i) for i in (expert_ids if need_all else [expert_id])]
         ctx = StepContext(t=t, seed=self.settings.seed, expert_ids=expert_ids, model=self.model_info, meta=prev.meta if prev else {})
         prev_sets = prev.sets() if prev else {}
+        prepared = "none"
+        if prev is not None and self.strategy.prepared_sets(prev.t):
+            try:
+                ahead = prev.prepared()
+            except StateError as e:  # a cache: computed in the step instead
+                prepared = f"unusable: {e}"
+                self.states.drop_prepared(prev.t)
+            else:
+                if ahead:
+                    prev_sets = {**prev_sets, **ahead}
+                    prepared = "used"
         with self.states.staging(t) as stage:
             result = run_step(
                 self.strategy,
@@ -174,7 +196,42 @@ class Workspace:
         versions = self.publish(t)
         t_end = time.monotonic()
         self.apply_retention()
-        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub)
+        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub, prepared)
+
+    def prepare_due(self) -> bool:
+        """The newest committed state has sets to prepare for the next step and they are not there."""
+        snap = self.latest()
+        return snap is not None and bool(self.strategy.prepared_sets(snap.t)) and not (snap.prepared_dir / "prepared.json").is_file()
+
+    def prepare(self, *, progress: Progress | None = None) -> PrepareOutcome | None:
+        """Compute the newest committed state's prepared sets ahead of the next expert (strategies/
+        base.py, "Prepared sets"): the daemon does this when idle after publishing, so that the
+        next step's latency does not include it. ``None`` when there is nothing to prepare or it is
+        already done. An unusable leftover is replaced. Results of the next step are the same with
+        or without it."""
+        snap = self.latest()
+        if snap is None or not self.strategy.prepared_sets(snap.t):
+            return None
+        if snap.prepared_dir.exists():
+            try:
+                if snap.prepared():
+                    return None
+            except StateError:
+                pass
+            self.states.drop_prepared(snap.t)
+        ctx = StepContext(t=snap.t, seed=self.settings.seed, expert_ids=snap.expert_ids, model=self.model_info, meta=snap.meta)
+
+        def tick(label: str, pass_no: int, n_passes: int, done: int, total: int) -> None:
+            if done == total // 2:
+                crash_point("mid_prepare")
+            if progress is not None:
+                progress(label, pass_no, n_passes, done, total)
+
+        with self.states.prepare_staging(snap.t) as stage:
+            res = run_prepare(self.strategy, ctx, self.base, snap.sets(), stage,
+                              shard_bytes=self.settings.publish.shard_bytes or None, progress=tick)
+            self.states.write_prepared_record(stage, snap, res.sets, res.seconds)
+        return PrepareOutcome(snap.t, res.sets, res.seconds, res.bytes_written)
 
     def _progress(self, label: str, pass_no: int, n_passes: int, done: int, total: int) -> None:
         if done == total // 2:

@@ -289,3 +289,37 @@ def test_dfcmm_methods_run_in_the_daemon(setup, policy):
         ws.merge(e)
     got = LazyCheckpoint(tmp / "ws" / "deploy" / "3")
     assert content_sha256(got) == content_sha256(LazyCheckpoint(ws.publishers["deploy"].path(3)))
+
+
+def test_opcm_prepares_the_next_step_when_idle(setup):
+    """After a publish, with nothing queued, the daemon computes OPCM's SVDs of the new state ahead
+    (``prepared``); the next step uses them (``merged`` with prepared="used") and its deploy
+    equals the batch engine's, which computes the SVDs inside the step."""
+    from mergewatch import config
+    from mergewatch.checkpoint.hashing import content_sha256
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+    from mergewatch.workspace import Workspace
+
+    tmp, base_path = setup
+    port = free_port()
+    cfg = write_config(tmp, port=port, policy='init = "zs"\ndeploy = "opcm"')
+    experts = [make_expert(base_path, tmp / "src" / f"o{i}.safetensors", seed=70 + i) for i in range(2)]
+    d = DaemonProcess(cfg)
+    try:
+        d.wait_ready()
+        for i, e in enumerate(experts, 1):
+            submit(e, tmp / "ws" / "inbox")
+            wait_for(lambda: any(l.get("event") == "prepared" and l.get("step") == i for l in d.lines()), 60, f"prepared {i}")
+        assert (tmp / "ws" / "state" / "2" / "prepared" / "prepared.json").is_file()
+        merged = [l for l in d.lines() if l.get("event") == "merged"]
+        assert [l["prepared"] for l in merged] == ["none", "used"]
+        assert metric_value(fetch_metrics(port), "mergewatch_prepare_duration_seconds_count") == 2.0
+    finally:
+        assert d.stop() == 0
+    ref = tmp / "ref"
+    ref.mkdir()
+    (ref / "base.safetensors").symlink_to(base_path)
+    ws = Workspace(config.load(write_config(ref, policy='init = "zs"\ndeploy = "opcm"')))
+    for e in experts:
+        ws.merge(e)
+    assert content_sha256(LazyCheckpoint(tmp / "ws" / "deploy" / "2")) == content_sha256(LazyCheckpoint(ws.publishers["deploy"].path(2)))

@@ -59,6 +59,7 @@ def test_names_labels_and_initial_values():
         "mergewatch_merge_duration_seconds": "histogram",
         "mergewatch_publish_duration_seconds": "histogram",
         "mergewatch_evaluate_duration_seconds": "histogram",
+        "mergewatch_prepare_duration_seconds": "histogram",
         "mergewatch_drop_to_publish_seconds": "histogram",
         "mergewatch_last_success_timestamp_seconds": "gauge",
         "mergewatch_job_failures": "counter",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -16,7 +17,17 @@ from mergewatch.checkpoint.roles import Role, TensorRole
 from mergewatch.checkpoint.writer import write_safetensors_file
 from mergewatch.errors import ConfigError
 from mergewatch.strategies import METHODS, build_strategy
-from mergewatch.strategies.opcm import OPCM, opcm_update, project_update, project_with, projection_rank, svd_factors
+from mergewatch.strategies.opcm import (
+    OPCM,
+    factor_shapes,
+    opcm_update,
+    project_update,
+    project_with,
+    projection_rank,
+    stack_factors,
+    svd_factors,
+    unstack_factors,
+)
 from mergewatch.workspace import Workspace
 from tests.helpers import load_all, make_expert, make_open_clip_base, perturb
 
@@ -119,13 +130,14 @@ def test_svd_factors_are_a_thin_svd_of_delta(shape):
     f = svd_factors(delta)
     p = min(shape)
     assert f.u.shape == (shape[0], p) and f.vh.shape == (p, shape[1]) and f.sigma.shape == (p,)
-    assert f.u.dtype == f.vh.dtype == torch.float32 and f.sigma.dtype == torch.float64
+    assert f.u.dtype == f.vh.dtype == f.sigma.dtype == torch.float32
     eye = torch.eye(p, dtype=torch.float64)
     torch.testing.assert_close(f.u.double().T @ f.u.double(), eye, atol=1e-6, rtol=0)
     torch.testing.assert_close(f.vh.double() @ f.vh.double().T, eye, atol=1e-6, rtol=0)
     assert bool((f.sigma[:-1] >= f.sigma[1:]).all())
-    torch.testing.assert_close(f.sigma, torch.linalg.svdvals(delta.double()), atol=1e-12, rtol=1e-9)
-    torch.testing.assert_close((f.u.double() * f.sigma) @ f.vh.double(), delta.double(), atol=1e-6, rtol=0)
+    # σ is the float64 SVD's, rounded once to float32 (the form in which it is stored ahead)
+    assert torch.equal(f.sigma, torch.linalg.svdvals(delta.double()).float())
+    torch.testing.assert_close((f.u.double() * f.sigma.double()) @ f.vh.double(), delta.double(), atol=1e-6, rtol=0)
     assert svd_factors(torch.zeros(shape)) is None
     tau = rand(shape, 9)
     assert torch.equal(project_with(tau, None, 0.5), tau)
@@ -309,3 +321,95 @@ def test_resume_after_step_k_is_bit_identical(tmp_path, stream, straight_run, k)
     snap = ws.states.latest()
     assert snap.meta == want_meta and snap.t == len(experts)
     assert _digest(snap.directory / "sets" / "S") == want_s
+
+
+# SVDs computed ahead (prepared sets) ----------------------------------------------------------
+def test_factors_stack_and_unstack_per_block_with_a_zero_block():
+    delta = torch.cat([decaying(4, 6, seed=1), torch.zeros(4, 6), decaying(4, 6, seed=2)]).float()
+    factors = [svd_factors(d) for d in delta.chunk(3, dim=0)]
+    assert factors[1] is None
+    stored = stack_factors(factors, FUSED, tuple(delta.shape))
+    assert {k: tuple(v.shape) for k, v in stored.items()} == factor_shapes(FUSED, (12, 6)) == {
+        "svd_u": (12, 4), "svd_s": (3, 4), "svd_vh": (12, 6)}
+    back = unstack_factors(stored, FUSED, tuple(delta.shape))
+    assert back[1] is None
+    for f, g in zip(factors, back):
+        if f is not None:
+            assert torch.equal(f.u, g.u) and torch.equal(f.sigma, g.sigma) and torch.equal(f.vh, g.vh)
+    tau = rand((12, 6), 3)
+    assert torch.equal(opcm_update(FUSED, tau, delta, 0.5),
+                       torch.cat([project_with(t, f, 0.5) for t, f in zip(tau.chunk(3), back)]))
+    with pytest.raises(ValueError, match="svd_vh"):
+        unstack_factors({**stored, "svd_vh": stored["svd_vh"][:-1]}, FUSED, (12, 6))
+
+
+def test_prepared_svds_give_a_bit_identical_stream(tmp_path, stream, straight_run):
+    """ws.prepare() after every step (what the daemon does when idle): each next step uses the
+    factors computed ahead, and every deploy version, meta and S equals the run without them."""
+    _, base, experts = stream
+    want, want_meta, want_s = straight_run
+    ws = _workspace(tmp_path, base)
+    metas = ws.model_info.metas
+    assert ws.prepare() is None and not ws.prepare_due()  # nothing committed yet
+    for t, p in enumerate(experts, 1):
+        out = ws.merge(p)
+        assert out.prepared == ("none" if t == 1 else "used")
+        assert ws.prepare_due()
+        prep = ws.prepare()
+        assert prep is not None and prep.step == t and set(prep.sets) == {"svd_u", "svd_s", "svd_vh"}
+        assert not ws.prepare_due() and ws.prepare() is None  # done once
+        if t == 2:  # the stored factors are the SVD of S_t for every linear map
+            snap = ws.states.latest()
+            sets = snap.prepared()
+            s_t = load_all(snap.directory / "sets" / "S")
+            linear = [n for n, m in metas.items() if m.role.role in (Role.LINEAR, Role.FUSED_LINEAR)]
+            assert linear and set(sets["svd_u"]) == set(linear)
+            for n in linear:
+                f = [svd_factors(d) for d in s_t[n].chunk(metas[n].role.blocks if metas[n].role.role is Role.FUSED_LINEAR else 1)]
+                stored = stack_factors(f, metas[n].role, metas[n].shape)
+                assert all(torch.equal(sets[k][n], stored[k]) for k in stored), n
+    got = {t: _digest(ws.publishers["deploy"].path(t)) for t in ws.publishers["deploy"].versions()}
+    assert got == want
+    snap = ws.states.latest()
+    assert snap.meta == want_meta and _digest(snap.directory / "sets" / "S") == want_s
+    # retention drops old states with their prepared sets
+    assert all((ws.states.root / str(t) / "prepared").exists() == (t in ws.states.steps()) for t in range(1, 6))
+
+
+@pytest.mark.parametrize("damage", ["record", "truncate", "foreign"])
+def test_unusable_prepared_sets_are_ignored_and_removed(tmp_path, stream, straight_run, damage):
+    _, base, experts = stream
+    want = straight_run[0]
+    ws = _workspace(tmp_path, base)
+    ws.merge(experts[0])
+    ws.prepare()
+    d = ws.states.latest().prepared_dir
+    if damage == "record":
+        (d / "prepared.json").write_text("{not json", "utf-8")
+    elif damage == "truncate":
+        f = next((d / "sets" / "svd_u").glob("*.safetensors"))
+        f.write_bytes(f.read_bytes()[:-100])
+    else:  # computed from another state
+        rec = json.loads((d / "prepared.json").read_text("utf-8"))
+        rec["state_sets"] = {"S": "0" * 64}
+        (d / "prepared.json").write_text(json.dumps(rec), "utf-8")
+    out = ws.merge(experts[1])
+    assert out.prepared.startswith("unusable: ") and str(d) in out.prepared
+    assert not (ws.states.root / "1" / "prepared").exists()
+    assert _digest(ws.publishers["deploy"].path(2)) == want[2]
+
+
+def test_interrupted_prepare_leaves_nothing_and_is_redone(tmp_path, stream):
+    _, base, experts = stream
+    ws = _workspace(tmp_path, base)
+    ws.merge(experts[0])
+
+    def stop(label, pass_no, n_passes, done, total):
+        if done == total // 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ws.prepare(progress=stop)
+    assert not ws.states.latest().prepared_dir.exists() and ws.prepare_due()
+    assert not any((ws.states.root / ".staging").iterdir())
+    assert ws.prepare() is not None and not ws.prepare_due()

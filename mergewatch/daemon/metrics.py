@@ -108,6 +108,10 @@ class Metrics:
             "evaluate_duration_seconds", "Duration of one evaluation of a published version.", namespace=ns, registry=r,
             buckets=DURATION_BUCKETS,
         )
+        self.prepare_duration_seconds = Histogram(
+            "prepare_duration_seconds", "Duration of preparing the next step ahead (e.g. OPCM's SVDs), run when idle after a publish.",
+            namespace=ns, registry=r, buckets=DURATION_BUCKETS,
+        )
         self.drop_to_publish_seconds = Histogram(
             "drop_to_publish_seconds", "Latency from a drop appearing in the inbox to its step being published.",
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
@@ -172,6 +176,9 @@ class Metrics:
 
     def observe_evaluate(self, seconds: float) -> None:
         self.evaluate_duration_seconds.observe(seconds)
+
+    def observe_prepare(self, seconds: float) -> None:
+        self.prepare_duration_seconds.observe(seconds)
 
     def observe_drop_to_publish(self, seconds: float) -> None:
         self.drop_to_publish_seconds.observe(seconds)

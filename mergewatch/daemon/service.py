@@ -11,6 +11,11 @@ is moved into the store; the step commits ``state/<t>/`` atomically; publishing 
 On start, ``recover()`` clears staging leftovers, finishes publishing the newest committed step and
 reconciles ``merging`` rows with the committed state: merged if the state already holds the
 expert, merged again (from the store, or the inbox if the move had not happened) otherwise.
+
+When the queue is empty after a step, the loop prepares what the strategy can compute ahead for
+the next step (``Workspace.prepare``: OPCM's SVDs), so that the next expert's arrival → deploy
+latency does not include it. It is a cache: a stop request abandons it, a failure is logged, and
+the next step computes the same tensors itself either way.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Daemon:
         self._stop = threading.Event()
         self._signals = 0
         self._in_step = False
+        self._prepared_step: int | None = None  # the step whose prepare was last attempted
         self._reload = threading.Event()
         self._retention_due = threading.Event()
         self.watcher: InboxWatcher | None = None
@@ -186,6 +192,8 @@ class Daemon:
             if self._retention_due.is_set():
                 self._retention_due.clear()
                 self.apply_retention()
+            if self._prepare_when_idle():
+                return
             self.inbox.wakeup.wait(self.idle_wait)
             self.inbox.wakeup.clear()
             return
@@ -295,11 +303,47 @@ class Daemon:
         self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))
         self.metrics.mark_success()
         self._refresh_gauges()
-        log.info("merged", versions=outcome.versions, seconds=round(seconds, 3))
+        log.info("merged", versions=outcome.versions, seconds=round(seconds, 3), prepared=outcome.prepared)
         if self.evals is not None and outcome.versions.get("deploy") is not None:
             v = outcome.versions["deploy"]
             self.evals.submit(EvalJob("deploy", v, step, str(self.ws.publishers["deploy"].path(v))))
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
+
+    # Work ahead --------------------------------------------------------------------------------
+    def _prepare_when_idle(self) -> bool:
+        """Idle, with nothing queued: compute what the strategy can prepare for the next step from
+        the committed state (OPCM's SVDs), once per step. Returns True when it ran. A failure
+        costs only time: the next step computes the same tensors itself."""
+        step = self._step()
+        if step == 0 or self._prepared_step == step:
+            return False
+        self._prepared_step = step
+        try:
+            if not self.ws.prepare_due():
+                return False
+        except MergewatchError as e:
+            self.log.error("prepare_failed", step=step, error=str(e))
+            return False
+        self.log.info("preparing", step=step)
+        sdnotify.status(f"preparing the next step from step {step}")
+        try:
+            out = self.ws.prepare(progress=self._on_prepare_tensor)
+        except _PrepareAbandoned:
+            self.log.info("prepare_abandoned", step=step, reason="stopping")
+            return True
+        except Exception as e:  # noqa: BLE001 - a cache: never fatal
+            self.log.exception("prepare_failed", step=step, error=f"{type(e).__name__}: {e}")
+            return True
+        if out is not None:
+            self.metrics.observe_prepare(out.seconds)
+            self.log.info("prepared", step=out.step, seconds=round(out.seconds, 3), bytes=out.bytes_written)
+        sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
+        return True
+
+    def _on_prepare_tensor(self, *_args) -> None:
+        self._on_tensor()
+        if self._stop.is_set():
+            raise _PrepareAbandoned  # the staging directory is removed; redone after a restart
 
     def _reject(self, row: ExpertRow, src: Path, reason: str, log) -> None:
         dest = reject(src, reason, self.ws.root / "rejected", file_sidecar(src))
@@ -383,6 +427,10 @@ class Daemon:
             row = self.book.latest_rows().get(("deploy", self.ws.publishers["deploy"].current()))
             if row is not None and row["metrics"].get("status") == "ok":
                 self.metrics.set_eval(acc=row["metrics"].get("acc"), bwt=row["metrics"].get("bwt"))
+
+
+class _PrepareAbandoned(Exception):
+    """Raised from the prepare progress callback when the daemon is asked to stop."""
 
 
 def _why_not_safetensors(p: Path) -> str:

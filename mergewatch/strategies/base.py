@@ -18,6 +18,13 @@ each pass and writes what the pass emits (DESIGN §4).
 * ``frozen`` tensors never reach a strategy: the engine copies θ0's value into every sink.
 * The strategy's JSON state (``meta``) carries scalars between steps (λ_t, norms, t); tensor state
   sets are stored as float32 safetensors.
+* **Prepared sets** (optional, ``prepared_sets`` / ``prepare_passes``): work that depends only on
+  the committed state of step t (e.g. OPCM's SVDs of S_t) may be done *ahead*, after step t is
+  published and before expert t+1 arrives, so that it is off the arrival → deploy latency. The
+  passes read the committed sets (``inputs.state``; no expert) and write the prepared sets next to
+  that state. They are a cache, never a source of truth: step t+1 finds them in ``inputs.state``
+  when present and must compute exactly the same thing itself when they are absent (so results
+  are bit-identical either way, and a lost or unreadable cache costs time only).
 
 Strategies are small objects built from validated config parameters; the registry in
 ``strategies/__init__.py`` is a plain dict name -> class (STYLE §1).
@@ -191,6 +198,16 @@ class Strategy:
         Views always have the model's layout. State sets default to it too; a strategy whose state
         is not model-shaped (e.g. WUDI's per-layer d_in × d_in statistics) overrides this."""
         return meta.shape
+
+    def prepared_sets(self, t: int) -> tuple[str, ...]:
+        """Sets that ``prepare_passes`` computes ahead from the committed state of step ``t`` for
+        step t+1 (module docstring); empty = nothing to prepare. Shapes come from ``sink_shape``."""
+        return ()
+
+    def prepare_passes(self, ctx: StepContext) -> Sequence[Pass]:
+        """The passes computing ``prepared_sets(ctx.t)`` from the committed state of step ``ctx.t``
+        (``ctx.meta`` is that step's meta; ``inputs.state`` its sets; ``inputs.experts`` is empty)."""
+        return ()
 
     def next_meta(self, ctx: StepContext) -> dict:
         """The JSON state to store after this step (scalars of ``ctx.scalars`` worth keeping)."""

@@ -15,6 +15,9 @@ Outputs of one step go into a single directory (a staging directory that the cal
     views/<view>/...           published views (the base's storage dtype)
 
 All arithmetic is float32 (inputs are upcast when loaded); views are cast back to the base dtype.
+
+``run_prepare`` runs a strategy's prepare passes (base.py, "Prepared sets") the same way over a
+committed state, into a staging directory that becomes ``state/<t>/prepared/``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mergewatch.errors import MergewatchError
 from mergewatch.strategies.base import (
     VIEWS,
     ModelInfo,
+    Pass,
     PassOutput,
     StepContext,
     Strategy,
@@ -92,11 +96,96 @@ def run_step(
     """
     t0 = time.monotonic()
     out_dir = Path(out_dir)
-    metas = ctx.model.metas
-    names = list(metas)
     passes = list(strategy.passes(ctx))
     state_sets = tuple(strategy.state_sets(ctx.t))
     views = strategy.view_sources(ctx)
+    written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, experts, prev_sets, out_dir, shard_bytes, progress)
+    for s in state_sets:
+        if s not in written:
+            raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
+    view_info: dict[str, dict] = {}
+    for v in VIEWS:
+        src = views.get(v)
+        if src == ViewSource.BASE:
+            view_info[v] = {"source": "base"}
+        elif src in written:
+            if src != v:
+                raise StrategyError(f"{strategy.name}: view '{v}' must be written to sink '{v}', not '{src}'")
+            view_info[v] = {"source": "sink", "content_sha256": hashes[v][0], "files": hashes[v][1]}
+        else:
+            raise StrategyError(f"{strategy.name}: view '{v}' has no source (got {src!r})")
+    # Scratch sinks (neither state nor view) are not kept.
+    for sink in list(written):
+        if sink not in state_sets and sink not in VIEWS:
+            shutil.rmtree(sink_path(out_dir, sink))
+    meta = strategy.next_meta(ctx)
+    return StepResult(
+        directory=out_dir,
+        meta=meta,
+        sets={s: hashes[s][0] for s in state_sets},
+        views=view_info,
+        seconds=time.monotonic() - t0,
+        bytes_written=bytes_written,
+        stats={k: v for k, v in ctx.scalars.items() if isinstance(v, (int, float, str, bool))},
+    )
+
+
+@dataclass
+class PrepareResult:
+    directory: Path
+    sets: dict[str, str]  # prepared set -> content sha256
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+
+def run_prepare(
+    strategy: Strategy,
+    ctx: StepContext,
+    base: LazyCheckpoint,
+    sets: Mapping[str, Mapping[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    shard_bytes: int | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
+    """Compute ``strategy.prepared_sets(ctx.t)`` from the committed ``sets`` of step ``ctx.t`` into
+    ``out_dir`` (an empty staging directory; base.py, "Prepared sets"). No expert is read and no
+    view is written."""
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    wanted = tuple(strategy.prepared_sets(ctx.t))
+    passes = list(strategy.prepare_passes(ctx))
+    if not wanted or not passes:
+        raise StrategyError(f"{strategy.name}: nothing to prepare after step {ctx.t}")
+    for p in passes:
+        if any(sink in VIEWS for sink in p.writes):
+            raise StrategyError(f"{strategy.name}/{p.name}: a prepare pass cannot write a view")
+    written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, [], sets, out_dir, shard_bytes, progress)
+    missing = [s for s in wanted if s not in written]
+    if missing:
+        raise StrategyError(f"{strategy.name}: prepared set(s) {missing} were never written")
+    for sink in list(written):
+        if sink not in wanted:
+            shutil.rmtree(sink_path(out_dir, sink))
+    return PrepareResult(out_dir, {s: hashes[s][0] for s in wanted}, time.monotonic() - t0, bytes_written)
+
+
+def _run_passes(
+    strategy: Strategy,
+    passes: Sequence[Pass],
+    ctx: StepContext,
+    base: LazyCheckpoint,
+    experts: Sequence[Mapping[str, torch.Tensor]],
+    prev_sets: Mapping[str, Mapping[str, torch.Tensor]],
+    out_dir: Path,
+    shard_bytes: int | None,
+    progress: Progress | None,
+) -> tuple[dict[str, LazyCheckpoint], dict[str, tuple[str, dict[str, str]]], int]:
+    """Stream every tensor name through ``passes`` in order, writing their sinks under ``out_dir``.
+    Returns the sinks written (re-opened for reading), their (content sha256, file hashes) and the
+    bytes written."""
+    metas = ctx.model.metas
+    names = list(metas)
     written: dict[str, LazyCheckpoint] = {}
     hashes: dict[str, tuple[str, dict[str, str]]] = {}
     bytes_written = 0
@@ -200,34 +289,7 @@ def run_step(
         if p.reduce_fn is not None:
             ctx.scalars.update(p.reduce_fn(totals, ctx))
         release_freed_memory()
-    for s in state_sets:
-        if s not in written:
-            raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
-    view_info: dict[str, dict] = {}
-    for v in VIEWS:
-        src = views.get(v)
-        if src == ViewSource.BASE:
-            view_info[v] = {"source": "base"}
-        elif src in written:
-            if src != v:
-                raise StrategyError(f"{strategy.name}: view '{v}' must be written to sink '{v}', not '{src}'")
-            view_info[v] = {"source": "sink", "content_sha256": hashes[v][0], "files": hashes[v][1]}
-        else:
-            raise StrategyError(f"{strategy.name}: view '{v}' has no source (got {src!r})")
-    # Scratch sinks (neither state nor view) are not kept.
-    for sink in list(written):
-        if sink not in state_sets and sink not in VIEWS:
-            shutil.rmtree(sink_path(out_dir, sink))
-    meta = strategy.next_meta(ctx)
-    return StepResult(
-        directory=out_dir,
-        meta=meta,
-        sets={s: hashes[s][0] for s in state_sets},
-        views=view_info,
-        seconds=time.monotonic() - t0,
-        bytes_written=bytes_written,
-        stats={k: v for k, v in ctx.scalars.items() if isinstance(v, (int, float, str, bool))},
-    )
+    return written, hashes, bytes_written
 
 
 def _load_malloc_trim() -> Callable[[], None]:

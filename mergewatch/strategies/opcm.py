@@ -29,6 +29,15 @@ Streaming (SPEC §3.1): pass 1 reads S_{t−1}, writes S_t tensor by tensor and 
 ‖τ_t‖² (float64) over the model; its reduce computes λ_t; pass 2 reads the S_t it just wrote back
 from disk (``fresh``) and writes θ0 + S_t/λ_t. No model is ever held whole in memory.
 
+Computed ahead (``prepared_sets``, strategies/base.py): the SVDs of S_t, the bulk of a step's
+work (72 float64 SVDs of 768 × 768 matrices for the ViT-B/32 tower), depend only on the committed
+state. After step t is published, ``prepare_passes`` stores their factors (``svd_u``, ``svd_s``,
+``svd_vh``: U, σ and Vᵀ of every linear map, row blocks stacked) next to state t, and step t+1
+projects with them instead of decomposing S_t itself. Without them (batch runs, a lost cache) the
+step computes the very same factors (``svd_factors``, then the same float32 rounding), so the
+result is bit-identical either way. Cost: the factors take ~1.45× the model's float32 size on disk
+(U and Vᵀ of a d_out × d_in map hold (d_out + d_in)·min(d_out, d_in) numbers), kept with the state.
+
 Choices where the spec leaves room (documented here, tested in ``tests/test_opcm.py``):
 
 * The SVD is computed in float64 (a float32 SVD is not accurate enough: ``project_with``); Q,
@@ -79,12 +88,12 @@ def projection_rank(sigma: torch.Tensor, alpha: float) -> int:
 
 @dataclass(frozen=True)
 class SVDFactors:
-    """The thin SVD Δ = U Σ Vᵀ of one linear map, computed in float64; U and Vᵀ kept in float32
-    (rounding the float64 vectors changes τ̃ by ~1e-9 of ‖S‖, measured on ViT-B/32-shaped
-    blocks), σ in float64 for the rank rule."""
+    """The thin SVD Δ = U Σ Vᵀ of one linear map, computed in float64 and kept in float32, the
+    form in which they are also stored ahead (rounding the float64 vectors changes τ̃ by ~1e-9 of
+    ‖S‖, measured on ViT-B/32-shaped blocks; the rank rule sums the float32 σ in float64)."""
 
     u: torch.Tensor  # d_out × p, float32
-    sigma: torch.Tensor  # p, float64
+    sigma: torch.Tensor  # p, float32
     vh: torch.Tensor  # p × d_in, float32
 
 
@@ -118,8 +127,59 @@ def svd_factors(delta: torch.Tensor) -> SVDFactors | None:
         del tall
         u = u.to(torch.float32)
     vh = vh.to(torch.float32)
+    s = s.to(torch.float32)
     # the factors of Δᵀ = V Σ Uᵀ for a wide Δ: swap and transpose back
-    return SVDFactors(u, s, vh) if m >= n else SVDFactors(vh.T, s, u.T)
+    return SVDFactors(u, s, vh) if m >= n else SVDFactors(vh.T.contiguous(), s, u.T.contiguous())
+
+
+#: the prepared sets holding the factors of every linear map of S_t (row blocks stacked)
+FACTOR_SETS = ("svd_u", "svd_s", "svd_vh")
+
+
+def factor_shapes(role: TensorRole, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Shapes of one tensor's stacked factors: with b row blocks of (m/b) × n and p = min(m/b, n),
+    U is m × p, σ is b × p and Vᵀ is (b·p) × n."""
+    b = _blocks(role)
+    m, n = shape
+    p = min(m // b, n)
+    return {"svd_u": (m, p), "svd_s": (b, p), "svd_vh": (b * p, n)}
+
+
+def stack_factors(factors: list[SVDFactors | None], role: TensorRole, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The stored form of one tensor's per-block factors; a zero Δ block is stored as zeros (σ = 0
+    is how ``unstack_factors`` recognises it: a non-zero Δ has σ_1 > 0)."""
+    shapes = factor_shapes(role, shape)
+    u, sigma, vh = (torch.zeros(shapes[k], dtype=torch.float32) for k in FACTOR_SETS)
+    p = shapes["svd_s"][1]
+    rows = shape[0] // len(factors)
+    for i, f in enumerate(factors):
+        if f is not None:
+            u[i * rows:(i + 1) * rows] = f.u
+            sigma[i] = f.sigma
+            vh[i * p:(i + 1) * p] = f.vh
+    return {"svd_u": u, "svd_s": sigma, "svd_vh": vh}
+
+
+def unstack_factors(stored: Mapping[str, torch.Tensor], role: TensorRole, shape: tuple[int, ...]) -> list[SVDFactors | None]:
+    """The per-block factors of ``stack_factors``' output (shapes checked: a stored set that does not
+    fit the tensor is an error, never silently used)."""
+    shapes = factor_shapes(role, shape)
+    for k in FACTOR_SETS:
+        if tuple(stored[k].shape) != shapes[k]:
+            raise ValueError(f"opcm: prepared {k} has shape {tuple(stored[k].shape)}, expected {shapes[k]}")
+    b, p = shapes["svd_s"]
+    rows = shape[0] // b
+    out: list[SVDFactors | None] = []
+    for i in range(b):
+        sigma = stored["svd_s"][i]
+        if not bool(sigma.any()):
+            out.append(None)
+            continue
+        u, vh = stored["svd_u"][i * rows:(i + 1) * rows], stored["svd_vh"][i * p:(i + 1) * p]
+        if b > 1:  # blocks of a stack: fresh copies, so that the products see operands laid out
+            u, vh = u.clone(), vh.clone()  # (and aligned) like ``svd_factors``' own, or BLAS may round differently
+        out.append(SVDFactors(u, sigma, vh))
+    return out
 
 
 def project_with(tau: torch.Tensor, f: SVDFactors | None, alpha: float) -> torch.Tensor:
@@ -209,6 +269,27 @@ class OPCM(Strategy):
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("S",)
 
+    def prepared_sets(self, t: int) -> tuple[str, ...]:
+        return FACTOR_SETS
+
+    def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
+        if sink not in FACTOR_SETS:
+            return meta.shape
+        if meta.role.role is not Role.LINEAR and meta.role.role is not Role.FUSED_LINEAR:
+            return None
+        _require_matrix(meta.role, torch.empty(meta.shape, device="meta"))
+        return factor_shapes(meta.role, meta.shape)[sink]
+
+    def prepare_passes(self, ctx: StepContext) -> list[Pass]:
+        return [Pass("factors", self._factors, writes=FACTOR_SETS, reads=frozenset({"state"}), label="opcm SVDs ahead")]
+
+    def _factors(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
+        if meta.role.role is not Role.LINEAR and meta.role.role is not Role.FUSED_LINEAR:
+            return PassOutput()  # not in the factor sets (``sink_shape``)
+        s = inp.state["S"]
+        factors = [svd_factors(d) for d in s.chunk(_blocks(meta.role), dim=0)]
+        return PassOutput(tensors=stack_factors(factors, meta.role, meta.shape))
+
     def next_meta(self, ctx: StepContext) -> dict:
         s = ctx.scalars
         return {"t": ctx.t, "lambda": s["opcm.lambda"], "sum_norms": s["opcm.sum_norms"]}
@@ -233,9 +314,12 @@ class OPCM(Strategy):
         prev = inp.state["S"]
         if meta.role.role is Role.LINEAR or meta.role.role is Role.FUSED_LINEAR:
             _require_matrix(meta.role, prev)
-            # The SVDs first, τ afterwards: the float64 SVD is the step's memory peak and τ is not
-            # needed for it (same result as ``opcm_update``, one model-tensor less at the peak).
-            factors = [svd_factors(d) for d in prev.chunk(_blocks(meta.role), dim=0)]
+            if all(k in inp.state for k in FACTOR_SETS):  # computed ahead (module docstring)
+                factors = unstack_factors(inp.state, meta.role, meta.shape)
+            else:
+                # The SVDs first, τ afterwards: the float64 SVD is the step's memory peak and τ is
+                # not needed for it (same result as ``opcm_update``, one tensor less at the peak).
+                factors = [svd_factors(d) for d in prev.chunk(_blocks(meta.role), dim=0)]
             tau = inp.expert - inp.base
             parts = [project_with(t, f, self.alpha) for t, f in zip(tau.chunk(len(factors), dim=0), factors)]
             del factors

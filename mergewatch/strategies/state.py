@@ -5,6 +5,11 @@ hashes of the tensor sets and views) beside the tensor sets and views written by
 produced in ``state/.staging/`` and renamed into place only when complete, so the newest directory
 with a ``state.json`` is always a complete, durable state; a later step is resumed from it exactly
 (sets are float32, so a resumed run is bit-identical to an uninterrupted one).
+
+``state/<t>/prepared/`` (optional, added atomically after the step is committed) holds the sets a
+strategy prepared ahead from that state for step t+1 (``prepared.json`` + ``sets/<name>/``). It
+is a cache: it is used only when its record matches the state it was computed from, and a missing
+or unreadable one only means step t+1 computes the same tensors itself.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from pathlib import Path
 
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.writer import atomic_directory, clear_staging, fsync_path
-from mergewatch.errors import MergewatchError
+from mergewatch.errors import CheckpointError, MergewatchError
 
 STATE_FORMAT = 1
+#: sub-directory of ``state/<t>/`` with the sets prepared ahead for step t+1 (a cache, base.py)
+PREPARED = "prepared"
 
 
 class StateError(MergewatchError):
@@ -47,6 +54,27 @@ class StateSnapshot:
 
     def view_dir(self, view: str) -> Path:
         return self.directory / "views" / view
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.directory / PREPARED
+
+    def prepared(self) -> dict[str, LazyCheckpoint]:
+        """The sets prepared ahead from this state ({} when there are none). Raises StateError when
+        the directory exists but cannot be used (unreadable, or computed from other state sets)."""
+        d = self.prepared_dir
+        if not d.exists():
+            return {}
+        try:
+            record = json.loads((d / "prepared.json").read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise StateError(f"{d}: unreadable prepared record: {e}") from e
+        if record.get("format") != STATE_FORMAT or record.get("t") != self.t or record.get("state_sets") != self.record.get("sets"):
+            raise StateError(f"{d}/prepared.json does not belong to the committed state of step {self.t}")
+        try:
+            return {name: LazyCheckpoint(d / "sets" / name) for name in record["sets"]}
+        except (CheckpointError, OSError, KeyError, TypeError) as e:
+            raise StateError(f"{d}: unusable prepared set: {e}") from e
 
 
 class StateStore:
@@ -80,6 +108,29 @@ class StateStore:
         """A staging directory that becomes ``state/<t>`` when the block succeeds."""
         with atomic_directory(self.root / str(t)) as stage:
             yield stage
+
+    @contextlib.contextmanager
+    def prepare_staging(self, t: int) -> Iterator[Path]:
+        """A staging directory that becomes ``state/<t>/prepared`` when the block succeeds."""
+        with atomic_directory(self.root / str(t) / PREPARED, staging_root=self.root / ".staging") as stage:
+            yield stage
+
+    @staticmethod
+    def write_prepared_record(stage: Path, snap: StateSnapshot, sets: dict[str, str], seconds: float) -> None:
+        record = {"format": STATE_FORMAT, "t": snap.t, "state_sets": snap.record.get("sets"), "sets": sets, "seconds": round(seconds, 6)}
+        (stage / "prepared.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", "utf-8")
+
+    def drop_prepared(self, t: int) -> None:
+        """Remove ``state/<t>/prepared`` (e.g. an unusable one), atomically out of the way first."""
+        d = self.root / str(t) / PREPARED
+        if not d.exists():
+            return
+        tomb = self.root / ".staging" / f"drop-prepared-{t}"
+        tomb.parent.mkdir(exist_ok=True)
+        shutil.rmtree(tomb, ignore_errors=True)
+        os.rename(d, tomb)
+        shutil.rmtree(tomb, ignore_errors=True)
+        fsync_path(self.root / str(t))
 
     @staticmethod
     def write_record(stage: Path, record: dict) -> None:
