@@ -11,7 +11,10 @@ Per case (each in a fresh interpreter, inputs warm in the page cache):
 
 * ``ours``   a Workspace with ``deploy = opcm | nufilt | wudi``; expert 1 merged beforehand (not
              measured), then expert 2: validate, claim (copy into the store) and step (run_step +
-             commit + publish + retention) as separate phases.
+             commit + publish + retention) as separate phases. Case ``opcm`` first runs
+             ``Workspace.prepare()`` (phase "prepare": the SVDs of S_1 computed ahead, as the daemon
+             does while idle after publishing step 1), so its step is the arrival → deploy latency;
+             ``opcm-inline`` skips it (the batch CLI: the SVDs inside the step).
 * ``naive``  written here, independently of mergewatch's strategy code: ``safetensors.torch.load_file``
              of base, expert 1 and expert 2, the SPEC formulas on whole state dicts (steps 1 and 2),
              full SVDs (``torch.linalg.svd(full_matrices=True)``, float64), one Adam optimiser over the
@@ -79,6 +82,7 @@ NUFILT_SELECT = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight
 #: case -> (policy for ours, naive implementation, naive args, model group)
 CASES = {
     "opcm": ({"deploy": "opcm", **OPCM}, "opcm", OPCM, "main"),
+    "opcm-inline": ({"deploy": "opcm", **OPCM}, "opcm", OPCM, "main"),  # no prepare: the SVDs inside the step (batch CLI)
     "nufilt-full": ({"deploy": "nufilt", "svd": "full", **NUFILT}, "nufilt", NUFILT, "main"),
     "nufilt-rand": ({"deploy": "nufilt", "svd": "randomized", **NUFILT}, "nufilt", NUFILT, "main"),
     "wudi-adam": ({"deploy": "wudi", "solver": "adam", **WUDI}, "wudi-adam", WUDI, "wudi"),
@@ -87,7 +91,9 @@ CASES = {
 #: tolerance on ‖ours − naive‖_F / ‖naive − θ0‖_F (deploy view). OPCM and WUDI-Adam differ only by
 #: float rounding (SVD variant, matmul association); NuFILT also by the literal vs reassociated loss
 #: through 50 Adam steps; WUDI-exact by its float32 sufficient statistics (stored between steps).
-TOL = {"opcm": 1e-5, "nufilt-full": 1e-4, "nufilt-rand": 1e-4, "wudi-adam": 1e-5, "wudi-exact": 1e-3}
+TOL = {"opcm": 1e-5, "opcm-inline": 1e-5, "nufilt-full": 1e-4, "nufilt-rand": 1e-4, "wudi-adam": 1e-5, "wudi-exact": 1e-3}
+#: cases whose step finds nothing prepared ahead (what the batch CLI does)
+NO_PREPARE = {"opcm-inline"}
 GOAL_SPEEDUP = {"opcm": 3.0, "nufilt-full": 3.0, "nufilt-rand": 3.0}
 
 
@@ -134,7 +140,7 @@ def worker_ours(args: dict, meter) -> dict:
     _threads(args)
     ws = Workspace(_settings(args))
     meter.baseline()
-    if ws.prepare_due():  # OPCM: the SVDs of S_1, done ahead by the daemon while it waits for expert 2
+    if args.get("prepare", True) and ws.prepare_due():  # OPCM: the SVDs of S_1, done ahead by the daemon while it waits for expert 2
         with meter.phase("prepare"):
             ws.prepare()
     with meter.phase("validate"):
@@ -425,7 +431,7 @@ def run(ns) -> dict:
         ck = models[g]
         base, exps = ck["base"], ck["experts"][:experts_used]
         ws = work / f"ws-{case}"
-        args = {"workspace": str(ws), "base": str(base), "policy": policy, "threads": ns.threads}
+        args = {"workspace": str(ws), "base": str(base), "policy": policy, "threads": ns.threads, "prepare": case not in NO_PREPARE}
         t0 = time.perf_counter()
         setup = run_worker("dfcmm:worker_setup", {**args, "expert": str(exps[0])})
         warm([base, exps[-1], *files_under(ws / "state")])
@@ -514,7 +520,7 @@ def report(res: dict) -> None:
         d = c["diff"]
         if d:
             extra = ""
-            if case == "opcm":
+            if case.startswith("opcm"):
                 extra = f"; lambda ours {c['ours']['result']['meta']['lambda']:.9g}, naive {c['naive']['result']['lambda']:.9g}"
             print(f"  {case}: worst tensor {d['worst']}{extra}")
     print("  rel Frobenius = ||ours - naive||_F / ||naive - base||_F over the deploy view (relative to the merged task vector).")

@@ -270,3 +270,71 @@ def test_all_merge_computes_in_the_experts_buffers_only_when_nothing_else_uses_t
             _assert_bits_equal(load_all(ws.publishers["init"].path(t)), experts[t - 1])
         if t == 1 and "ema@1" in views:
             _assert_bits_equal(load_all(ws.states.latest().directory / "sets" / "ema"), experts[0])
+
+
+# Prepared sets (work done ahead from a committed state) ---------------------------------------
+class _Doubler(Strategy):
+    """Test strategy with a prepared set: ``twice`` = 2·S computed ahead from the committed S."""
+
+    name = "doubler"
+
+    def __init__(self, view_in_prepare: bool = False):
+        super().__init__({})
+        self.view_in_prepare = view_in_prepare
+
+    def prepared_sets(self, t):
+        return ("twice",)
+
+    def prepare_passes(self, ctx):
+        sinks = ("twice", "deploy") if self.view_in_prepare else ("twice", "scratch")
+
+        def fn(meta, inp, ctx):
+            assert inp.experts == []  # a prepare reads no expert
+            return PassOutput(tensors={k: inp.state["S"] * 2 for k in sinks})
+
+        return [Pass("ahead", fn, writes=sinks, reads=frozenset({"state"}))]
+
+    def passes(self, ctx):
+        return []
+
+
+def test_run_prepare_writes_only_the_prepared_sets_and_refuses_views(tmp_path):
+    from mergewatch.strategies.engine import StrategyError, run_prepare
+
+    base_sd, paths = _setup(tmp_path, n=1)
+    base = LazyCheckpoint(tmp_path / "base")
+    ctx = StepContext(t=1, seed=0, expert_ids=["a"], model=build_model_info(base, resolve_table("auto", list(base))), meta={})
+    state = {"S": load_all(paths[0])}
+    res = run_prepare(_Doubler(), ctx, base, state, tmp_path / "out")
+    assert set(res.sets) == {"twice"} and sorted(p.name for p in (tmp_path / "out" / "sets").iterdir()) == ["twice"]
+    got = load_all(tmp_path / "out" / "sets" / "twice")
+    for k, v in state["S"].items():
+        assert torch.equal(got[k], v * 2 if ctx.model.metas[k].role.mergeable else base_sd[k]), k
+    with pytest.raises(StrategyError, match="cannot write a view"):
+        run_prepare(_Doubler(view_in_prepare=True), ctx, base, state, tmp_path / "out2")
+    with pytest.raises(StrategyError, match="nothing to prepare"):
+        run_prepare(_SumOfTaskVectors(), ctx, base, state, tmp_path / "out3")
+
+
+@pytest.mark.parametrize("trim", [False, True])
+def test_a_trimming_pass_returns_freed_memory_after_every_tensor(tmp_path, monkeypatch, trim):
+    from mergewatch.strategies import engine
+
+    calls: list[int] = []
+    monkeypatch.setattr(engine, "release_freed_memory", lambda: calls.append(1))
+
+    class Copy(Strategy):
+        name = "copy"
+
+        def view_sources(self, ctx):
+            return {"deploy": "deploy", "init": ViewSource.BASE}
+
+        def passes(self, ctx):
+            return [Pass("copy", lambda meta, inp, ctx: PassOutput(tensors={"deploy": inp.expert}), writes=("deploy",), trim=trim)]
+
+    _, paths = _setup(tmp_path, n=1)
+    base = LazyCheckpoint(tmp_path / "base")
+    info = build_model_info(base, resolve_table("auto", list(base)))
+    run_step(Copy({}), StepContext(t=1, seed=0, expert_ids=["a"], model=info, meta={}), base, [LazyCheckpoint(paths[0])], {}, tmp_path / "out")
+    n_mergeable = len(info.mergeable)
+    assert n_mergeable > 1 and len(calls) == (n_mergeable + 1 if trim else 1)  # + the end of the pass

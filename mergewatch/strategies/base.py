@@ -161,6 +161,10 @@ class Pass:
     reduce_fn: ReduceFn | None = None
     reads: frozenset[str] = frozenset()
     label: str = ""  # shown in progress output
+    #: hand freed heap memory back to the kernel after every tensor name, not only after the pass
+    #: (engine.release_freed_memory): for passes whose per-tensor work (SVDs, QRs) fragments the
+    #: heap enough that the retained memory, not the live tensors, would set the step's peak
+    trim: bool = False
 
 
 class Strategy:

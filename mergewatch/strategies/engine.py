@@ -276,6 +276,8 @@ def _run_passes(
             # Drop this name's tensors before the next name's are loaded (otherwise two names'
             # inputs would be alive at once while the next TensorInputs is built).
             del inputs, out
+            if p.trim:
+                release_freed_memory()
             if progress:
                 progress(p.label or p.name, pi + 1, len(passes), i + 1, len(names))
         for sink, w in writers.items():
