@@ -14,7 +14,8 @@ Per case (each in a fresh interpreter, inputs warm in the page cache):
              commit + publish + retention) as separate phases. Case ``opcm`` first runs
              ``Workspace.prepare()`` (phase "prepare": the SVDs of S_1 computed ahead, as the daemon
              does while idle after publishing step 1), so its step is the arrival → deploy latency;
-             ``opcm-inline`` skips it (the batch CLI: the SVDs inside the step).
+             ``opcm-inline`` skips it (the batch CLI: the SVDs inside the step). Likewise NuFILT
+             (Δ's subspaces ahead) and ``nufilt-full-inline``.
 * ``naive``  written here, independently of mergewatch's strategy code: ``safetensors.torch.load_file``
              of base, expert 1 and expert 2, the SPEC formulas on whole state dicts (steps 1 and 2),
              full SVDs (``torch.linalg.svd(full_matrices=True)``, float64), one Adam optimiser over the
@@ -85,15 +86,16 @@ CASES = {
     "opcm-inline": ({"deploy": "opcm", **OPCM}, "opcm", OPCM, "main"),  # no prepare: the SVDs inside the step (batch CLI)
     "nufilt-full": ({"deploy": "nufilt", "svd": "full", **NUFILT}, "nufilt", NUFILT, "main"),
     "nufilt-rand": ({"deploy": "nufilt", "svd": "randomized", **NUFILT}, "nufilt", NUFILT, "main"),
+    "nufilt-full-inline": ({"deploy": "nufilt", "svd": "full", **NUFILT}, "nufilt", NUFILT, "main"),  # no prepare
     "wudi-adam": ({"deploy": "wudi", "solver": "adam", **WUDI}, "wudi-adam", WUDI, "wudi"),
     "wudi-exact": ({"deploy": "wudi", "solver": "exact", **WUDI}, "wudi-exact", WUDI, "wudi"),
 }
 #: tolerance on ‖ours − naive‖_F / ‖naive − θ0‖_F (deploy view). OPCM and WUDI-Adam differ only by
 #: float rounding (SVD variant, matmul association); NuFILT also by the literal vs reassociated loss
 #: through 50 Adam steps; WUDI-exact by its float32 sufficient statistics (stored between steps).
-TOL = {"opcm": 1e-5, "opcm-inline": 1e-5, "nufilt-full": 1e-4, "nufilt-rand": 1e-4, "wudi-adam": 1e-5, "wudi-exact": 1e-3}
+TOL = {"opcm": 1e-5, "opcm-inline": 1e-5, "nufilt-full": 1e-4, "nufilt-full-inline": 1e-4, "nufilt-rand": 1e-4, "wudi-adam": 1e-5, "wudi-exact": 1e-3}
 #: cases whose step finds nothing prepared ahead (what the batch CLI does)
-NO_PREPARE = {"opcm-inline"}
+NO_PREPARE = {"opcm-inline", "nufilt-full-inline"}
 GOAL_SPEEDUP = {"opcm": 3.0, "nufilt-full": 3.0, "nufilt-rand": 3.0}
 
 

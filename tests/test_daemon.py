@@ -250,6 +250,7 @@ NINO_GNN = REPO.parent / "shared" / "nino" / "checkpoints" / "nino_no_posw.pt"
 
 @pytest.mark.parametrize("policy", [
     'deploy = "opcm"',
+    'deploy = "nufilt"\nsvd = "randomized"\nr_p = 8',  # Δ's subspaces prepared ahead, seeded
     'deploy = "wudi"\nsolver = "exact"',
     f'deploy = "metamerge_gnn"\ncheckpoint = "{NINO_GNN}"\nheads = 2\nsubgraph = true',
 ])

@@ -328,3 +328,33 @@ def test_half_precision_base_keeps_dtypes(tmp_path):
     got = load_all(ws.publishers["deploy"].path(2))
     b = load_all(base)
     assert all(got[k].dtype == b[k].dtype == torch.bfloat16 and bool(torch.isfinite(got[k].float()).all()) for k in b)
+
+
+@pytest.mark.parametrize("policy", ["", 'svd = "randomized"\nr_p = 8'])
+def test_subspaces_prepared_ahead_give_a_bit_identical_stream(tmp_path, stream, policy):
+    """Δ's subspace computed ahead after every step (what the daemon does when idle) gives the same
+    bits as computing it inside the next step; the stored U is ``delta_subspace`` of Δ = W^m_t − W0
+    (randomized: seeded with expert t, the last one merged into Δ)."""
+    _, base, experts = stream
+    plain = _workspace(tmp_path / "plain", base, policy)
+    ahead = _workspace(tmp_path / "ahead", base, policy)
+    b = load_all(base)
+    for t, p in enumerate(experts, 1):
+        assert plain.merge(p).prepared == "none"
+        assert ahead.merge(p).prepared == ("none" if t == 1 else "used")
+        assert _sha(ahead.root / "deploy" / str(t)) == _sha(plain.root / "deploy" / str(t))
+        out = ahead.prepare()
+        assert out is not None and set(out.sets) == {"delta_u", "delta_rank"}
+        if t == 2:
+            snap = ahead.states.latest()
+            sets, merged = snap.prepared(), load_all(snap.directory / "sets" / "merged")
+            sel = _selected_names(ahead)
+            assert set(sets["delta_u"]) == sel
+            ctx_seed = lambda layer, purpose: torch.Generator().manual_seed(derive_seed(11, snap.expert_ids[-1], layer, purpose))
+            for name in sel:
+                meta = ahead.model_info.metas[name]
+                nb = meta.role.blocks if meta.role.role is Role.FUSED_LINEAR else 1
+                for j, d in enumerate((merged[name] - b[name]).chunk(nb, dim=0)):
+                    want = ahead.strategy.delta_subspace(d, lambda purpose, _l=f"{name}#{j}": ctx_seed(_l, purpose))
+                    r = int(sets["delta_rank"][name][j])
+                    assert r == want.shape[1] > 0 and torch.equal(sets["delta_u"][name][j, :, :r], want), (name, j)

@@ -55,6 +55,14 @@ Decisions and choices where the spec leaves room (tested in ``tests/test_nufilt.
   plain ``linear``), i.e. seeded by (config seed, expert content hash, tensor name, block), so a
   replay is bit-identical (torch CPU kernels are deterministic for a fixed thread count).
 * Everything except the SVDs runs in float32 (SPEC §0); the fused update τ(P + BA) is float32.
+* **Δ's subspace is computed ahead** (``prepared_sets``, strategies/base.py): U depends only on
+  the committed state (Δ = W^m_t − W0), so after step t is published the daemon stores every
+  selected layer's U (``delta_u``: one zero-padded d_in × k block per row block, ``delta_rank``:
+  their ranks) next to state t, and step t+1 only decomposes τ. Without them (batch runs, a lost
+  cache) the step computes the same U itself; the result is bit-identical either way (U is used
+  in float32, the form in which it is stored). For that, the randomized SVD of Δ is seeded with
+  the last expert *merged into Δ* (expert t, ``ctx.generator(..., expert_id=...)``), not with the
+  new expert t+1; the other seeds (τ's SVD, the LoRA init) stay those of the new expert.
 """
 
 from __future__ import annotations
@@ -308,7 +316,37 @@ class NuFILT(Strategy):
             # with others = "base" the unselected tensors are θ0 by definition: not stored
             keep = meta.role.mergeable and (self.selected(meta) or self.others == "ta")
             return meta.shape if keep else None
+        if sink in PREPARED_SETS:
+            return subspace_shapes(meta, self.params["r_p"])[sink] if self.selected(meta) else None
         return meta.shape
+
+    def prepared_sets(self, t: int) -> tuple[str, ...]:
+        return PREPARED_SETS
+
+    def prepare_passes(self, ctx: StepContext) -> list[Pass]:
+        return [Pass("subspaces", self._subspaces, writes=PREPARED_SETS, reads=frozenset({"state"}), label="nufilt SVDs ahead", trim=True)]
+
+    @staticmethod
+    def _generator(ctx: StepContext, layer: str, purpose: str, *, ahead: bool = False) -> torch.Generator:
+        """The seeded generator of one layer and purpose. Δ's randomized SVD is seeded with the last
+        expert merged into Δ (module docstring): expert t when preparing from state t (``ahead``),
+        the one before the new expert inside step t+1."""
+        if purpose == "nufilt-svd-delta":
+            return ctx.generator(layer, purpose, expert_id=ctx.expert_ids[-1] if ahead else ctx.expert_ids[-2])
+        return ctx.generator(layer, purpose)
+
+    def _subspaces(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
+        if not self.selected(meta):
+            return PassOutput()
+        shapes = subspace_shapes(meta, self.params["r_p"])
+        u_all = torch.zeros(shapes["delta_u"], dtype=torch.float32)
+        ranks = torch.zeros(shapes["delta_rank"], dtype=torch.float32)
+        delta = inp.state["merged"] - inp.base
+        for j, delta_j in enumerate(delta.chunk(_blocks(meta), dim=0)):
+            u = self.delta_subspace(delta_j, lambda purpose, _l=f"{meta.name}#{j}": self._generator(ctx, _l, purpose, ahead=True))
+            u_all[j, :, : u.shape[1]] = u
+            ranks[j] = u.shape[1]
+        return PassOutput(tensors={"delta_u": u_all, "delta_rank": ranks})
 
     def passes(self, ctx: StepContext) -> list[Pass]:
         return [
@@ -319,16 +357,26 @@ class NuFILT(Strategy):
                 reduce_fn=_loss_totals,
                 reads=frozenset({"state"}) if ctx.t > 1 else frozenset(),
                 label="nufilt",
+                trim=True,  # SVD/Adam workspaces fragment the heap (Pass.trim)
             )
         ]
 
     # The merge ---------------------------------------------------------------------------------
-    def merge_layer(self, tau: torch.Tensor, delta: torch.Tensor, generator_for) -> LayerResult:
+    def delta_subspace(self, delta: torch.Tensor, generator_for) -> torch.Tensor:
+        """U of one layer (row block): the first r_p right singular vectors of Δ, float32 (the form
+        in which the loss uses them and in which they are prepared ahead)."""
+        svd = self.params["svd"]
+        gen = generator_for("nufilt-svd-delta") if svd == "randomized" else None
+        return top_right_singular_vectors(delta, self.params["r_p"], svd, gen).to(torch.float32)
+
+    def merge_layer(self, tau: torch.Tensor, delta: torch.Tensor, generator_for, u: torch.Tensor | None = None) -> LayerResult:
         """τ(P + BA) for one layer (one row block); ``generator_for(purpose)`` gives the seeded
-        generators for the LoRA init and the randomized SVDs."""
+        generators for the LoRA init and the randomized SVDs; ``u``: Δ's subspace when it was
+        computed ahead (``delta_subspace``)."""
         prm = self.params
         svd = prm["svd"]
-        u = top_right_singular_vectors(delta, prm["r_p"], svd, generator_for("nufilt-svd-delta") if svd == "randomized" else None)
+        if u is None:
+            u = self.delta_subspace(delta, generator_for)
         v1 = top_right_singular_vectors(tau, prm["r_v"], svd, generator_for("nufilt-svd-tau") if svd == "randomized" else None)
         a0 = torch.randn((prm["r_l"], tau.shape[1]), generator=generator_for("nufilt-lora"), dtype=torch.float32) * prm["lora_std"]
         return nufilt_layer(tau, delta, u, v1, a0, lr=prm["lr"], steps=prm["steps"], betas=tuple(prm["betas"]))
@@ -342,12 +390,13 @@ class NuFILT(Strategy):
             prev = inp.state["merged"]
             tau = inp.expert - inp.base
             delta = prev - inp.base
-            nb = meta.role.blocks if meta.role.role is Role.FUSED_LINEAR else 1
+            nb = _blocks(meta)
+            ahead = unstack_subspaces(inp.state, meta) if all(k in inp.state for k in PREPARED_SETS) else [None] * nb
             updates = []
             first = last = 0.0
             for j, (tau_j, delta_j) in enumerate(zip(tau.chunk(nb, dim=0), delta.chunk(nb, dim=0))):
                 layer = f"{meta.name}#{j}"
-                res = self.merge_layer(tau_j, delta_j, lambda purpose, _l=layer: ctx.generator(_l, purpose))
+                res = self.merge_layer(tau_j, delta_j, lambda purpose, _l=layer: self._generator(ctx, _l, purpose), u=ahead[j])
                 updates.append(res.update)
                 first += res.losses[0]
                 last += res.losses[-1]
@@ -358,6 +407,37 @@ class NuFILT(Strategy):
             merged = inp.expert.clone() if t == 1 else ((t - 1) * inp.state["merged"] + inp.expert) / t
             return PassOutput(tensors={"deploy": merged, "merged": merged})
         return PassOutput(tensors={"deploy": inp.base})
+
+
+#: the prepared sets: Δ's subspace U of every selected layer, computed ahead (module docstring)
+PREPARED_SETS = ("delta_u", "delta_rank")
+
+
+def _blocks(meta: TensorMeta) -> int:
+    return meta.role.blocks if meta.role.role is Role.FUSED_LINEAR else 1
+
+
+def subspace_shapes(meta: TensorMeta, r_p: int) -> dict[str, tuple[int, ...]]:
+    """Stored shapes for one selected tensor: nb row blocks of (d_out/nb) × d_in, k = min(r_p,
+    d_out/nb, d_in) columns at most (fewer when Δ's numerical rank is lower: zero-padded)."""
+    nb = _blocks(meta)
+    d_out, d_in = meta.shape
+    return {"delta_u": (nb, d_in, min(r_p, d_out // nb, d_in)), "delta_rank": (nb,)}
+
+
+def unstack_subspaces(stored: Mapping[str, torch.Tensor], meta: TensorMeta) -> list[torch.Tensor]:
+    """Each row block's U (d_in × rank, a fresh contiguous float32 tensor) from the prepared sets."""
+    u, ranks = stored["delta_u"], stored["delta_rank"]
+    nb = _blocks(meta)
+    if u.dim() != 3 or u.shape[0] != nb or u.shape[1] != meta.shape[1] or tuple(ranks.shape) != (nb,):
+        raise ValueError(f"nufilt: prepared subspace of '{meta.name}' has shapes {tuple(u.shape)}, {tuple(ranks.shape)}")
+    out = []
+    for j in range(nb):
+        r = int(ranks[j])
+        if not 0 <= r <= u.shape[2] or float(ranks[j]) != r:
+            raise ValueError(f"nufilt: prepared rank {float(ranks[j])} of '{meta.name}' block {j} is out of range")
+        out.append(u[j, :, :r].contiguous())  # a copy (the columns are strided): laid out like the step's own
+    return out
 
 
 def _loss_totals(totals: dict[str, torch.Tensor], ctx: StepContext) -> dict:

@@ -301,6 +301,7 @@ class WUDI(Strategy):
                 writes=("deploy", *self.state_sets(ctx.t)),
                 reads=frozenset({"state"}) if ctx.t > 1 else frozenset(),
                 label=f"wudi {self.solver}",
+                trim=True,  # SVD/Adam workspaces fragment the heap (Pass.trim)
             )
         ]
 
