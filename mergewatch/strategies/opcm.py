@@ -36,7 +36,8 @@ state. After step t is published, ``prepare_passes`` stores their factors (``svd
 projects with them instead of decomposing S_t itself. Without them (batch runs, a lost cache) the
 step computes the very same factors (``svd_factors``, then the same float32 rounding), so the
 result is bit-identical either way. Cost: the factors take ~1.45× the model's float32 size on disk
-(U and Vᵀ of a d_out × d_in map hold (d_out + d_in)·min(d_out, d_in) numbers), kept with the state.
+(U and Vᵀ of a d_out × d_in map hold (d_out + d_in)·min(d_out, d_in) numbers), kept with the newest
+state only (``StateStore.retain``).
 
 Memory: both the projecting and the prepare pass return freed heap memory to the kernel after
 every tensor (``Pass.trim``). Their QR/SVD workspaces and products fragment glibc's heap, which

@@ -143,7 +143,8 @@ class StateStore:
         return clear_staging(self.root / ".staging")
 
     def retain(self, keep: int) -> list[int]:
-        """Keep the newest ``keep`` committed steps (at least 1)."""
+        """Keep the newest ``keep`` committed steps (at least 1). Only the newest keeps its
+        prepared sets: they serve the step after it alone (and OPCM's are 1.45× the model)."""
         steps = self.steps()
         drop = steps[: max(0, len(steps) - max(1, keep))]
         for t in drop:
@@ -153,4 +154,6 @@ class StateStore:
             shutil.rmtree(tomb, ignore_errors=True)
         if drop:
             fsync_path(self.root)
+        for t in steps[len(drop):-1]:
+            self.drop_prepared(t)
         return drop
