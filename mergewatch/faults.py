@@ -4,7 +4,8 @@
 reaches ``crash_point("<point>")``. Points: ``before_claim``, ``after_claim``, ``mid_step`` (half
 the tensors of a pass written), ``after_commit``
 (state durable, nothing published), ``mid_publish`` (deploy published, init not yet),
-``after_step`` (published, ledger not yet updated). Costs one dict lookup when unset.
+``after_step`` (published, ledger not yet updated), ``mid_prepare`` (half the tensors of a
+prepare written, ``Workspace.prepare``). Costs one dict lookup when unset.
 """
 
 from __future__ import annotations

@@ -114,3 +114,41 @@ def test_sigkill_anywhere_loses_nothing_and_repeats_nothing(tmp_path):
         got = LazyCheckpoint(ws_dir / view / (ws_dir / view / "CURRENT").read_text().split()[0])
         want = LazyCheckpoint(ref.publishers[view].path(ref.publishers[view].current()))
         assert content_sha256(got) == content_sha256(want), view
+
+
+def test_sigkill_during_a_prepare_costs_only_time(tmp_path):
+    """OPCM's SVDs prepared ahead when idle: a SIGKILL half-way through leaves only staging
+    leftovers; the restarted daemon clears them, prepares again, and the next step (which uses
+    the prepared factors) publishes exactly what the batch engine computes."""
+    policy = 'init = "zs"\ndeploy = "opcm"'
+    base = make_open_clip_base(tmp_path / "base.safetensors")
+    cfg = write_config(tmp_path, policy=policy)
+    experts = [make_expert(base, tmp_path / "src" / f"p{i}.safetensors", seed=90 + i) for i in range(2)]
+    ws_dir = tmp_path / "ws"
+    d = DaemonProcess(cfg, env={"MERGEWATCH_CRASH_AT": "mid_prepare:1"})
+    try:
+        d.wait_ready()
+        submit(experts[0], ws_dir / "inbox")
+        d.proc.wait(120)  # merged, then killed half-way through the prepare
+    finally:
+        d.kill()
+    assert d.proc.returncode == -9, d.log()[-2000:]
+    assert [r.status for r in ledger_rows(ws_dir)] == ["merged"]
+    assert not (ws_dir / "state" / "1" / "prepared").exists()
+    assert any((ws_dir / "state" / ".staging").iterdir())  # the interrupted prepare's leftovers
+    d = DaemonProcess(cfg)
+    try:
+        d.wait_ready()
+        wait_for(lambda: any(l.get("event") == "prepared" and l.get("step") == 1 for l in d.lines()), 60, "prepared again")
+        submit(experts[1], ws_dir / "inbox")
+        wait_for(lambda: [r.status for r in ledger_rows(ws_dir)] == ["merged"] * 2, 60, "second merged")
+        assert [l["prepared"] for l in d.lines() if l.get("event") == "merged"] == ["used"]
+    finally:
+        assert d.stop() == 0
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    (ref_dir / "base.safetensors").symlink_to(base)
+    ref = Workspace(config.load(write_config(ref_dir, policy=policy)))
+    for e in experts:
+        ref.merge(e)
+    assert content_sha256(LazyCheckpoint(ws_dir / "deploy" / "2")) == content_sha256(LazyCheckpoint(ref.publishers["deploy"].path(2)))
