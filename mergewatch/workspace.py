@@ -152,7 +152,6 @@ class Workspace:
         names = (prev.record.get("expert_names", []) if prev else []) + [name]
         need_all = self.strategy.buffer_need() is BufferNeed.ALL
         experts = [self.store.open(i) for i in (expert_ids if need_all else [expert_id])]
-        ctx = StepContext(t=t, seed=self.settings.seed, expert_ids=expert_ids, model=self.model_info, meta=prev.meta if prev else {})
         prev_sets = prev.sets() if prev else {}
         prepared = "none"
         if prev is not None and self.strategy.prepared_sets(prev.t):
@@ -163,8 +162,27 @@ class Workspace:
                 self.states.drop_prepared(prev.t)
             else:
                 if ahead:
-                    prev_sets = {**prev_sets, **ahead}
                     prepared = "used"
+                    try:
+                        self._run_and_commit(t, expert_ids, names, experts, prev, {**prev_sets, **ahead})
+                    except (MergewatchError, OSError, ValueError) as e:
+                        # e.g. a prepared file damaged inside its data: never the expert's fault.
+                        # Run again without it; an error that is not the cache's comes back then.
+                        prepared = f"unusable: {type(e).__name__}: {e}"
+                        self.states.drop_prepared(prev.t)
+        if prepared != "used":
+            self._run_and_commit(t, expert_ids, names, experts, prev, prev_sets)
+        crash_point("after_commit")
+        t_pub = time.monotonic()
+        versions = self.publish(t)
+        t_end = time.monotonic()
+        self.apply_retention()
+        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub, prepared)
+
+    def _run_and_commit(self, t: int, expert_ids: list[str], names: list[str], experts: list, prev: StateSnapshot | None,
+                        prev_sets: dict) -> None:
+        """Run step ``t`` into a staging directory and commit it as ``state/<t>/``."""
+        ctx = StepContext(t=t, seed=self.settings.seed, expert_ids=expert_ids, model=self.model_info, meta=prev.meta if prev else {})
         with self.states.staging(t) as stage:
             result = run_step(
                 self.strategy,
@@ -191,12 +209,6 @@ class Workspace:
                     "mergewatch": __version__,
                 },
             )
-        crash_point("after_commit")
-        t_pub = time.monotonic()
-        versions = self.publish(t)
-        t_end = time.monotonic()
-        self.apply_retention()
-        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub, prepared)
 
     def prepare_due(self) -> bool:
         """The newest committed state has sets to prepare for the next step and they are not there."""

@@ -378,7 +378,7 @@ def test_prepared_svds_give_a_bit_identical_stream(tmp_path, stream, straight_ru
     assert [t for t in range(1, 6) if (ws.states.root / str(t) / "prepared").exists()] == [5]
 
 
-@pytest.mark.parametrize("damage", ["record", "truncate", "foreign"])
+@pytest.mark.parametrize("damage", ["record", "truncate", "foreign", "nan"])
 def test_unusable_prepared_sets_are_ignored_and_removed(tmp_path, stream, straight_run, damage):
     _, base, experts = stream
     want = straight_run[0]
@@ -391,12 +391,18 @@ def test_unusable_prepared_sets_are_ignored_and_removed(tmp_path, stream, straig
     elif damage == "truncate":
         f = next((d / "sets" / "svd_u").glob("*.safetensors"))
         f.write_bytes(f.read_bytes()[:-100])
+    elif damage == "nan":  # damaged inside the data: found only while the step runs
+        f = next((d / "sets" / "svd_u").glob("*.safetensors"))
+        raw = bytearray(f.read_bytes())
+        raw[-4096:] = b"\xff" * 4096  # NaN bit patterns in the last tensor's U
+        f.write_bytes(bytes(raw))
     else:  # computed from another state
         rec = json.loads((d / "prepared.json").read_text("utf-8"))
         rec["state_sets"] = {"S": "0" * 64}
         (d / "prepared.json").write_text(json.dumps(rec), "utf-8")
     out = ws.merge(experts[1])
-    assert out.prepared.startswith("unusable: ") and str(d) in out.prepared
+    assert out.prepared.startswith("unusable: ")
+    assert ("non-finite" in out.prepared) if damage == "nan" else (str(d) in out.prepared), out.prepared
     assert not (ws.states.root / "1" / "prepared").exists()
     assert _digest(ws.publishers["deploy"].path(2)) == want[2]
 
