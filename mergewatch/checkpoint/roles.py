@@ -51,6 +51,12 @@ class TensorRole:
         """A linear map (or stack of them): the tensors that projection methods work on."""
         return self.role in (Role.LINEAR, Role.FUSED_LINEAR)
 
+    @property
+    def row_blocks(self) -> int:
+        """How many linear maps the tensor stacks by rows: ``blocks`` for a fused_linear (q, k, v),
+        else 1."""
+        return self.blocks if self.role is Role.FUSED_LINEAR else 1
+
 
 @dataclass(frozen=True)
 class Rule:

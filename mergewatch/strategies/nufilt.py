@@ -75,7 +75,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergewatch.checkpoint.roles import Role
 from mergewatch.strategies.base import (
     Pass,
     PassOutput,
@@ -342,7 +341,7 @@ class NuFILT(Strategy):
         u_all = torch.zeros(shapes["delta_u"], dtype=torch.float32)
         ranks = torch.zeros(shapes["delta_rank"], dtype=torch.float32)
         delta = inp.state["merged"] - inp.base
-        for j, delta_j in enumerate(delta.chunk(_blocks(meta), dim=0)):
+        for j, delta_j in enumerate(delta.chunk(meta.role.row_blocks, dim=0)):
             u = self.delta_subspace(delta_j, lambda purpose, _l=f"{meta.name}#{j}": self._generator(ctx, _l, purpose, ahead=True))
             u_all[j, :, : u.shape[1]] = u
             ranks[j] = u.shape[1]
@@ -390,7 +389,7 @@ class NuFILT(Strategy):
             prev = inp.state["merged"]
             tau = inp.expert - inp.base
             delta = prev - inp.base
-            nb = _blocks(meta)
+            nb = meta.role.row_blocks
             ahead = unstack_subspaces(inp.state, meta) if all(k in inp.state for k in PREPARED_SETS) else [None] * nb
             updates = []
             first = last = 0.0
@@ -413,14 +412,10 @@ class NuFILT(Strategy):
 PREPARED_SETS = ("delta_u", "delta_rank")
 
 
-def _blocks(meta: TensorMeta) -> int:
-    return meta.role.blocks if meta.role.role is Role.FUSED_LINEAR else 1
-
-
 def subspace_shapes(meta: TensorMeta, r_p: int) -> dict[str, tuple[int, ...]]:
     """Stored shapes for one selected tensor: nb row blocks of (d_out/nb) × d_in, k = min(r_p,
     d_out/nb, d_in) columns at most (fewer when Δ's numerical rank is lower: zero-padded)."""
-    nb = _blocks(meta)
+    nb = meta.role.row_blocks
     d_out, d_in = meta.shape
     return {"delta_u": (nb, d_in, min(r_p, d_out // nb, d_in)), "delta_rank": (nb,)}
 
@@ -428,7 +423,7 @@ def subspace_shapes(meta: TensorMeta, r_p: int) -> dict[str, tuple[int, ...]]:
 def unstack_subspaces(stored: Mapping[str, torch.Tensor], meta: TensorMeta) -> list[torch.Tensor]:
     """Each row block's U (d_in × rank, a fresh contiguous float32 tensor) from the prepared sets."""
     u, ranks = stored["delta_u"], stored["delta_rank"]
-    nb = _blocks(meta)
+    nb = meta.role.row_blocks
     if u.dim() != 3 or u.shape[0] != nb or u.shape[1] != meta.shape[1] or tuple(ranks.shape) != (nb,):
         raise ValueError(f"nufilt: prepared subspace of '{meta.name}' has shapes {tuple(u.shape)}, {tuple(ranks.shape)}")
     out = []
@@ -436,7 +431,7 @@ def unstack_subspaces(stored: Mapping[str, torch.Tensor], meta: TensorMeta) -> l
         r = int(ranks[j])
         if not 0 <= r <= u.shape[2] or float(ranks[j]) != r:
             raise ValueError(f"nufilt: prepared rank {float(ranks[j])} of '{meta.name}' block {j} is out of range")
-        out.append(u[j, :, :r].contiguous())  # a copy (the columns are strided): laid out like the step's own
+        out.append(u[j, :, :r].contiguous())  # contiguous like the step's own (a copy unless r is the full width)
     return out
 
 

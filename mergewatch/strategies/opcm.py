@@ -69,7 +69,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergewatch.checkpoint.roles import Role, TensorRole
+from mergewatch.checkpoint.roles import TensorRole
 from mergewatch.strategies.base import (
     Pass,
     PassOutput,
@@ -145,7 +145,7 @@ FACTOR_SETS = ("svd_u", "svd_s", "svd_vh")
 def factor_shapes(role: TensorRole, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of one tensor's stacked factors: with b row blocks of (m/b) × n and p = min(m/b, n),
     U is m × p, σ is b × p and Vᵀ is (b·p) × n."""
-    b = _blocks(role)
+    b = role.row_blocks
     m, n = shape
     p = min(m // b, n)
     return {"svd_u": (m, p), "svd_s": (b, p), "svd_vh": (b * p, n)}
@@ -231,14 +231,10 @@ def _require_matrix(role: TensorRole, x: torch.Tensor) -> None:
         raise ValueError(f"opcm: a '{role.role.value}' tensor must be 2-D (out × in), got shape {tuple(x.shape)}; fix the role table")
 
 
-def _blocks(role: TensorRole) -> int:
-    return role.blocks if role.role is Role.FUSED_LINEAR else 1
-
-
 def opcm_update(role: TensorRole, tau: torch.Tensor, delta: torch.Tensor, alpha: float) -> torch.Tensor:
     """τ̃ for one tensor by role: ``linear`` → ``project_update``; ``fused_linear`` → each row block
     (q, k, v) projected against its own block of Δ, then re-stacked; ``other`` → τ unchanged."""
-    if role.role is Role.LINEAR or role.role is Role.FUSED_LINEAR:
+    if role.matrix:
         _require_matrix(role, tau)
         return per_block(role, lambda t, d: project_update(t, d, alpha), tau, delta)
     return tau
@@ -286,7 +282,7 @@ class OPCM(Strategy):
     def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
         if sink not in FACTOR_SETS:
             return meta.shape
-        if meta.role.role is not Role.LINEAR and meta.role.role is not Role.FUSED_LINEAR:
+        if not meta.role.matrix:
             return None
         _require_matrix(meta.role, torch.empty(meta.shape, device="meta"))
         return factor_shapes(meta.role, meta.shape)[sink]
@@ -295,10 +291,10 @@ class OPCM(Strategy):
         return [Pass("factors", self._factors, writes=FACTOR_SETS, reads=frozenset({"state"}), label="opcm SVDs ahead", trim=True)]
 
     def _factors(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
-        if meta.role.role is not Role.LINEAR and meta.role.role is not Role.FUSED_LINEAR:
+        if not meta.role.matrix:
             return PassOutput()  # not in the factor sets (``sink_shape``)
         s = inp.state["S"]
-        factors = [svd_factors(d) for d in s.chunk(_blocks(meta.role), dim=0)]
+        factors = [svd_factors(d) for d in s.chunk(meta.role.row_blocks, dim=0)]
         return PassOutput(tensors=stack_factors(factors, meta.role, meta.shape))
 
     def next_meta(self, ctx: StepContext) -> dict:
@@ -323,14 +319,14 @@ class OPCM(Strategy):
 
     def _project(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> PassOutput:
         prev = inp.state["S"]
-        if meta.role.role is Role.LINEAR or meta.role.role is Role.FUSED_LINEAR:
+        if meta.role.matrix:
             _require_matrix(meta.role, prev)
             if all(k in inp.state for k in FACTOR_SETS):  # computed ahead (module docstring)
                 factors = unstack_factors(inp.state, meta.role, meta.shape)
             else:
                 # The SVDs first, τ afterwards: the float64 SVD is the step's memory peak and τ is
                 # not needed for it (same result as ``opcm_update``, one tensor less at the peak).
-                factors = [svd_factors(d) for d in prev.chunk(_blocks(meta.role), dim=0)]
+                factors = [svd_factors(d) for d in prev.chunk(meta.role.row_blocks, dim=0)]
             tau = inp.expert - inp.base
             parts = [project_with(t, f, self.alpha) for t, f in zip(tau.chunk(len(factors), dim=0), factors)]
             del factors

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mergewatch.checkpoint.roles import Role, TensorRole
+from mergewatch.checkpoint.roles import TensorRole
 from mergewatch.strategies.base import (
     Pass,
     PassOutput,
@@ -239,10 +239,6 @@ def _require_2d(role: TensorRole, x: torch.Tensor) -> None:
         raise ValueError(f"wudi: a '{role.role.value}' tensor must be 2-D (out × in), got shape {tuple(x.shape)}; fix the role table")
 
 
-def _blocks(role: TensorRole) -> int:
-    return role.blocks if role.role is Role.FUSED_LINEAR else 1
-
-
 # The strategy --------------------------------------------------------------------------------
 class WUDI(Strategy):
     """WUDI-Merging (Cheng et al., ICML 2025), SPEC §3.3; equations and Decisions in the module
@@ -285,7 +281,7 @@ class WUDI(Strategy):
         if sink == "merged":
             return meta.shape
         if sink == "A":
-            return (_blocks(meta.role) * meta.shape[1], meta.shape[1]) if matrix and len(meta.shape) == 2 else None
+            return (meta.role.row_blocks * meta.shape[1], meta.shape[1]) if matrix and len(meta.shape) == 2 else None
         if sink == "B":
             return meta.shape if matrix else None
         if sink == "mean":
@@ -329,7 +325,7 @@ class WUDI(Strategy):
             mean = tau if t == 1 else ((t - 1) * inp.state["mean"] + tau) / t
             return PassOutput(tensors={"deploy": inp.base + mean, "mean": mean})
         _require_2d(meta.role, tau)
-        nb = _blocks(meta.role)
+        nb = meta.role.row_blocks
         d_in = tau.shape[1]
         a_prev = inp.state["A"].chunk(nb, dim=0) if t > 1 else [None] * nb
         b_prev = inp.state["B"].chunk(nb, dim=0) if t > 1 else [None] * nb
