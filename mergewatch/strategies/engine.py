@@ -114,10 +114,7 @@ def run_step(
             view_info[v] = {"source": "sink", "content_sha256": hashes[v][0], "files": hashes[v][1]}
         else:
             raise StrategyError(f"{strategy.name}: view '{v}' has no source (got {src!r})")
-    # Scratch sinks (neither state nor view) are not kept.
-    for sink in list(written):
-        if sink not in state_sets and sink not in VIEWS:
-            shutil.rmtree(sink_path(out_dir, sink))
+    _drop_scratch(out_dir, written, keep={*state_sets, *VIEWS})
     meta = strategy.next_meta(ctx)
     return StepResult(
         directory=out_dir,
@@ -164,10 +161,15 @@ def run_prepare(
     missing = [s for s in wanted if s not in written]
     if missing:
         raise StrategyError(f"{strategy.name}: prepared set(s) {missing} were never written")
-    for sink in list(written):
-        if sink not in wanted:
-            shutil.rmtree(sink_path(out_dir, sink))
+    _drop_scratch(out_dir, written, keep=set(wanted))
     return PrepareResult(out_dir, {s: hashes[s][0] for s in wanted}, time.monotonic() - t0, bytes_written)
+
+
+def _drop_scratch(out_dir: Path, written: Mapping[str, LazyCheckpoint], keep: set[str]) -> None:
+    """Scratch sinks (written by a pass for a later one, but neither kept nor published) are removed."""
+    for sink in written:
+        if sink not in keep:
+            shutil.rmtree(sink_path(out_dir, sink))
 
 
 def _run_passes(

@@ -123,14 +123,18 @@ class StateStore:
     def drop_prepared(self, t: int) -> None:
         """Remove ``state/<t>/prepared`` (e.g. an unusable one), atomically out of the way first."""
         d = self.root / str(t) / PREPARED
-        if not d.exists():
-            return
-        tomb = self.root / ".staging" / f"drop-prepared-{t}"
+        if d.exists():
+            self._bury(d, f"drop-prepared-{t}")
+            fsync_path(d.parent)
+
+    def _bury(self, d: Path, tomb_name: str) -> None:
+        """Rename ``d`` into ``.staging`` (one atomic step: readers never see it half removed), then
+        delete it; a crash in between leaves only staging leftovers, which ``recover`` clears."""
+        tomb = self.root / ".staging" / tomb_name
         tomb.parent.mkdir(exist_ok=True)
         shutil.rmtree(tomb, ignore_errors=True)
         os.rename(d, tomb)
         shutil.rmtree(tomb, ignore_errors=True)
-        fsync_path(self.root / str(t))
 
     @staticmethod
     def write_record(stage: Path, record: dict) -> None:
@@ -148,10 +152,7 @@ class StateStore:
         steps = self.steps()
         drop = steps[: max(0, len(steps) - max(1, keep))]
         for t in drop:
-            tomb = self.root / ".staging" / f"drop-{t}"
-            tomb.parent.mkdir(exist_ok=True)
-            os.rename(self.root / str(t), tomb)
-            shutil.rmtree(tomb, ignore_errors=True)
+            self._bury(self.root / str(t), f"drop-{t}")
         if drop:
             fsync_path(self.root)
         for t in steps[len(drop):-1]:
