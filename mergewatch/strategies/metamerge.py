@@ -368,13 +368,8 @@ class MetaMergeGNN(MetaMerge):
         return 0.0 < self.edge_sample_ratio < 1.0
 
     def describe(self) -> dict:
-        d = Strategy.describe(self)
+        d = super().describe()  # threads dropped here too: chunks are computed single-threaded
         d.pop("lpe_cache", None)  # a location, not a setting (see the class docstring)
-        d.pop("threads", None)  # cannot change the result (chunks are computed single-threaded)
-        d["nino"] = self.net.describe()
-        d["checkpoint_sha256"] = self.net.sha256
-        d["horizons"] = list(HORIZONS)
-        d["context_order"] = {"2": "M E1 E2 E2 E1", "3": "M E1 E2 E2 E3", "4": "M E1 E2 E3 E4"}
         if self.lpe_store.inject_sha256:
             d["lpe_sha256"] = self.lpe_store.inject_sha256
         if self.stochastic or not self.lpe_store.inject_sha256:
@@ -386,17 +381,10 @@ class MetaMergeGNN(MetaMerge):
             d["reproducibility"] = "approximate, stochastic: " + "; ".join(why)
         else:
             d["reproducibility"] = "deterministic: eigenvectors pinned, every edge aggregated"
-        ext = []
-        if self.fold != "none":
-            ext.append(f"fold={self.fold}: {EXTENSION}")
-        if not self.chain:
-            ext.append(f"slot0=base: {EXTENSION}")
-        if ext:
-            d["extensions"] = ext
         return d
 
     def next_meta(self, ctx: StepContext) -> dict:
-        meta = {"t": ctx.t, "mode": self._mode(ctx.t)}
+        meta = super().next_meta(ctx)
         if "nino_gnn_lpe" in ctx.scalars:
             meta["lpe"] = dict(ctx.scalars["nino_gnn_lpe"])
         return meta

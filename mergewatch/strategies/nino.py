@@ -259,6 +259,17 @@ def read_nino_checkpoint(path: str | Path, what: str) -> tuple[Path, str, Mappin
     return p, sha, sd, args
 
 
+def float32_weights(path: Path, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A NiNo state dict as contiguous float32 tensors; ``ValueError`` naming ``'checkpoint'`` for a
+    tensor that is not floating point or holds non-finite values."""
+    for k, v in sd.items():
+        if not v.dtype.is_floating_point:
+            raise _refuse(path, f"tensor {k!r} has dtype {v.dtype}, expected floating point")
+        if not bool(torch.isfinite(v).all()):
+            raise _refuse(path, f"tensor {k!r} has non-finite values")
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+
+
 def load_nino_mlp(path: str | Path) -> NinoMLP:
     """Load and validate a NiNo-MLP checkpoint (``nino_mlp.pt``, ``nino_mlp_h32.pt``).
 
@@ -272,12 +283,7 @@ def load_nino_mlp(path: str | Path) -> NinoMLP:
             f"not a NiNo-MLP checkpoint (model_args={dict(args)!r}; the MLP variant has model_args['gnn'] = False and no "
             "gnn.*/node_proj.*/edge_out.* keys); NiNo-GNN checkpoints such as nino_no_posw.pt are not supported",
         )
-    for k, v in sd.items():
-        if not v.dtype.is_floating_point:
-            raise _refuse(p, f"tensor {k!r} has dtype {v.dtype}, expected floating point")
-        if not bool(torch.isfinite(v).all()):
-            raise _refuse(p, f"tensor {k!r} has non-finite values")
-    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    sd = float32_weights(p, sd)
 
     fixed = {"layer_embed.weight", "edge_proj.fc.0.weight", "edge_proj.fc.0.bias"}
     missing = sorted(fixed - set(sd))

@@ -64,7 +64,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergewatch.strategies.nino import CONTEXT, HORIZONS, N_TYPE_IDS, MetaMergeError, _moments, _pool, context_order, read_nino_checkpoint
+from mergewatch.strategies.nino import (
+    CONTEXT,
+    HORIZONS,
+    N_TYPE_IDS,
+    MetaMergeError,
+    _moments,
+    _pool,
+    _refuse,
+    context_order,
+    float32_weights,
+    read_nino_checkpoint,
+)
 
 #: Values per edge (a 3×3 conv kernel) and edge input width (slots × context states).
 SLOTS = 9
@@ -85,10 +96,6 @@ LPE_VERSION = "nino-gnn-lpe-v1"
 
 
 # Checkpoint --------------------------------------------------------------------------------------
-
-def _refuse(path, msg: str) -> ValueError:
-    return ValueError(f"'checkpoint' {path}: {msg}")
-
 
 _CONV_RE = re.compile(r"^gnn\.convs\.(\d+)\.(edge_encoder|pre_nns\.0\.0|post_nns\.0\.0|lin)\.(weight|bias)$")
 _UPD_RE = re.compile(r"^gnn\.edge_update\.(\d+)\.(lin_e|lin_s|lin_t|lin1)\.(weight|bias)$")
@@ -268,12 +275,7 @@ def load_nino_gnn(path: str | Path) -> NinoGNN:
         raise _refuse(p, f"not a NiNo-GNN checkpoint (model_args={dict(args)!r}, no gnn.* keys); NiNo-MLP checkpoints such as nino_mlp.pt belong to method 'metamerge'")
     if args.get("wte_pos_enc"):
         raise _refuse(p, "model_args['wte_pos_enc'] is set: word-embedding positional encoding is for language models, not the ViT graph")
-    for k, v in sd.items():
-        if not v.dtype.is_floating_point:
-            raise _refuse(p, f"tensor {k!r} has dtype {v.dtype}, expected floating point")
-        if not bool(torch.isfinite(v).all()):
-            raise _refuse(p, f"tensor {k!r} has non-finite values")
-    sd = {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+    sd = float32_weights(p, sd)
     missing = sorted(set(_FIXED) - set(sd))
     unknown = sorted(k for k in sd if k not in _FIXED and not _CONV_RE.match(k) and not _UPD_RE.match(k))
     if missing or unknown:
