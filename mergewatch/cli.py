@@ -89,22 +89,20 @@ class BatchEval:
         self.stream = stream or sys.stdout
         self._header = False
 
-    def run_pending(self, names: dict[int, str]) -> list[dict]:
-        from mergewatch.eval.runner import evaluate_path
+    def evaluate(self, job) -> tuple[dict, float]:
+        """Evaluate one job inline and record it (a failure is a failed evaluation row, the batch
+        goes on); returns the ledger row and the seconds it took."""
+        from mergewatch.eval.runner import try_evaluate
 
+        ok, res, seconds = try_evaluate(self.settings, self.ws.table.name, job.path)
+        return self.book.record(job, ok, res), seconds
+
+    def run_pending(self, names: dict[int, str]) -> list[dict]:
         rows = []
         for job in self.book.pending():
-            t0 = time.monotonic()
-            try:
-                ok, res = True, evaluate_path(self.settings, self.ws.table.name, job.path)
-            except Exception as e:  # noqa: BLE001 - recorded as a failed evaluation, the batch goes on
-                ok, res = False, f"{type(e).__name__}: {e}"
-            row = self.book.record(job, ok, res)
-            if ok and self.book.apply_gate(job, row):
-                self.book.ledger.record_event("promoted", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
-            elif row.get("held_back"):
-                self.book.ledger.record_event("held_back", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
-            self.print_row(job, row, names.get(job.step, "θ0" if job.step == 0 else ""), time.monotonic() - t0)
+            row, seconds = self.evaluate(job)
+            self.book.settle(job, row)
+            self.print_row(job, row, names.get(job.step, "θ0" if job.step == 0 else ""), seconds)
             rows.append(row)
         self.write_matrix()
         return rows
@@ -220,7 +218,6 @@ def cmd_eval(args) -> int:
     from mergewatch import config
     from mergewatch.daemon.ledger import Ledger
     from mergewatch.eval.book import EvalJob
-    from mergewatch.eval.runner import evaluate_path
     from mergewatch.workspace import Workspace
 
     settings = config.load(args.config)
@@ -236,13 +233,8 @@ def cmd_eval(args) -> int:
         evals = BatchEval(settings, ws, ledger)
         step = pub.manifest(version).get("step", 0)
         job = EvalJob("deploy", version, step, str(pub.path(version)))
-        t0 = time.monotonic()
-        try:
-            ok, res = True, evaluate_path(settings, ws.table.name, job.path)
-        except Exception as e:  # noqa: BLE001 - recorded, reported, exit code 1
-            ok, res = False, f"{type(e).__name__}: {e}"
-        row = evals.book.record(job, ok, res)
-        evals.print_row(job, row, "", time.monotonic() - t0)
+        row, seconds = evals.evaluate(job)  # a failure is recorded and reported: exit code 1
+        evals.print_row(job, row, "", seconds)
         if args.json:
             print(json.dumps(row, indent=2))
     finally:

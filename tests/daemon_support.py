@@ -90,15 +90,20 @@ def wait_for(pred, timeout: float, what: str = "condition", interval: float = 0.
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def ledger_rows(ws: Path) -> list:
+def read_ledger(ws: Path, read) -> list:
+    """``read(ledger)`` on the workspace's ledger opened read-only, or [] before it exists."""
     p = ws / "ledger.sqlite"
     if not p.exists():
         return []
     led = Ledger(p, readonly=True)
     try:
-        return led.experts()
+        return read(led)
     finally:
         led.close()
+
+
+def ledger_rows(ws: Path) -> list:
+    return read_ledger(ws, Ledger.experts)
 
 
 def current(ws: Path, view: str = "deploy") -> int | None:

@@ -10,7 +10,7 @@ import sys
 
 from mergewatch.daemon.inbox import submit
 from mergewatch.daemon.ledger import Ledger
-from tests.daemon_support import REPO, DaemonProcess, current, fetch_metrics, metric_value, wait_for, write_config
+from tests.daemon_support import REPO, DaemonProcess, current, fetch_metrics, metric_value, read_ledger, wait_for, write_config
 from tests.eval_support import eval_toml, labelled_by_base, write_eval_clip, write_expert
 from tests.helpers import load_all
 
@@ -23,14 +23,7 @@ def _status(cfg) -> dict:
 
 
 def _evaluations(ws) -> list[dict]:
-    p = ws / "ledger.sqlite"
-    if not p.exists():
-        return []
-    led = Ledger(p, readonly=True)
-    try:
-        return led.evaluations()
-    finally:
-        led.close()
+    return read_ledger(ws, Ledger.evaluations)
 
 
 def _ok(ws, view: str, version: int) -> dict | None:

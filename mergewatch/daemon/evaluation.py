@@ -25,18 +25,14 @@ from mergewatch.eval.book import EvalJob
 def _worker_main(settings, table_name: str, jobs, results) -> None:  # runs in the child process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when the worker stops
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from mergewatch.eval.runner import evaluate_path
+    from mergewatch.eval.runner import try_evaluate
 
     while True:
         job = jobs.get()
         if job is None:
             return
-        t0 = time.monotonic()
-        try:
-            res = evaluate_path(settings, table_name, job.path)
-            results.put((job, True, res, time.monotonic() - t0))
-        except BaseException as e:  # noqa: BLE001 - reported to the daemon, which records and retries
-            results.put((job, False, f"{type(e).__name__}: {e}", time.monotonic() - t0))
+        # anything, even SystemExit, is reported to the daemon, which records and retries it
+        results.put((job, *try_evaluate(settings, table_name, job.path, catch=BaseException)))
 
 
 class EvalWorker:

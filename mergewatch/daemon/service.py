@@ -392,12 +392,11 @@ class Daemon:
             self.metrics.count_evaluation("ok")
             log.info("evaluated", acc=row.get("acc"), bwt=row.get("bwt"), bwt_denominator=row.get("bwt_denominator"),
                      tasks={k: v["accuracy"] for k, v in row["tasks"].items()}, seconds=round(seconds, 3))
-            if row.get("held_back"):
+            outcome = self.book.settle(job, row)
+            if outcome == "held_back":
                 self.metrics.count_held_back()
-                self.ledger.record_event("held_back", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
                 log.warning("held_back", reason=row["gate_reason"], current=self.ws.publishers["deploy"].current())
-            elif self.book.apply_gate(job, row):
-                self.ledger.record_event("promoted", step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+            elif outcome == "promoted":
                 log.info("promoted", reason=row["gate_reason"])
             self._refresh_gauges()
 

@@ -142,6 +142,20 @@ class EvalBook:
         self.deploy.promote(job.version)
         return True
 
+    def settle(self, job: EvalJob, row: dict) -> str | None:
+        """The gate's outcome for a recorded evaluation, with its ledger event: ``"held_back"``,
+        ``"promoted"`` (now current) or ``None`` (failed, no gate, or nothing to move)."""
+        if row.get("status") != "ok":
+            return None
+        if row.get("held_back"):
+            outcome = "held_back"
+        elif self.apply_gate(job, row):
+            outcome = "promoted"
+        else:
+            return None
+        self.ledger.record_event(outcome, step=job.step, version=job.version, data={"reason": row["gate_reason"]})
+        return outcome
+
     def held_back(self) -> list[dict]:
         """Published deploy versions newer than current that the gate held back (with the reason)."""
         current = self.deploy.current() or 0

@@ -78,6 +78,16 @@ def evaluate_path(settings, table_name: str, path: str) -> dict:
     return evaluate_checkpoint(settings, table_name, model)
 
 
+def try_evaluate(settings, table_name: str, path: str, *, catch: type[BaseException] = Exception) -> tuple[bool, dict | str, float]:
+    """``evaluate_path`` as a job outcome: ``(True, result, seconds)``, or ``(False, "Type: message",
+    seconds)`` when it raised one of ``catch`` (recorded as a failed evaluation by the caller)."""
+    t0 = time.monotonic()
+    try:
+        return True, evaluate_path(settings, table_name, path), time.monotonic() - t0
+    except catch as e:  # noqa: BLE001 - every failure is a failed evaluation, never a crash
+        return False, f"{type(e).__name__}: {e}", time.monotonic() - t0
+
+
 # Bookkeeping ------------------------------------------------------------------------------------
 
 def adaptation_tasks(eval_settings) -> list[str]:
