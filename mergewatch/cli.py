@@ -2,7 +2,14 @@
 (DESIGN §3.6).
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key), 1 anything else
-(including experts that were rejected in a batch: the others are still merged).
+(including experts that were rejected in a batch: the others are still merged; also when the reader
+of stdout went away, e.g. ``| head``, which ends the command quietly, without a traceback).
+
+The light verbs (``status``, ``submit``, ``rollback``, ``promote``, ``--help``) import neither torch
+nor open_clip nor transformers: they read the config with ``config.load(light=True)`` and use only
+standard-library modules (publisher, ledger, inbox, state records), so they answer at once even on a
+busy machine (issue 14; ``tests/test_cli_light.py`` checks it, ``bench/cli.py`` times it). Keep
+heavy imports inside the verbs that merge or evaluate.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import time
 from pathlib import Path
 
 from mergewatch import __version__
-from mergewatch.errors import CheckpointError, ConfigError, IncompatibleExpertError, MergewatchError
+from mergewatch.errors import CheckpointError, ConfigError, IncompatibleExpertError, MergewatchError, SidecarError, rejection
 
 
 class Progress:
@@ -61,18 +68,12 @@ def expand_experts(paths: list[str]) -> list[Path]:
 
 
 def _sidecar_meta(path: Path) -> dict:
-    """A batch expert's sidecar (``<name>.json`` beside a file, ``meta.json`` in a directory), or {}."""
-    from mergewatch.daemon.inbox import file_sidecar
+    """A batch expert's sidecar (``<name>.json`` beside a file, ``meta.json`` in a directory), or {}.
+    A broken one raises ``SidecarError``: the expert is rejected like a bad checkpoint."""
+    from mergewatch.daemon.inbox import file_sidecar, parse_sidecar
 
     side = (path / "meta.json") if path.is_dir() else file_sidecar(path)
-    if side is None or not side.is_file():
-        return {}
-    try:
-        data = json.loads(side.read_text("utf-8"))
-    except (OSError, ValueError) as e:
-        print(f"warning: sidecar {side} unreadable ({e}); ignored", file=sys.stderr)
-        return {}
-    return data if isinstance(data, dict) else {}
+    return parse_sidecar(side if side is not None and side.is_file() else None)
 
 
 class BatchEval:
@@ -111,7 +112,7 @@ class BatchEval:
         tasks = [t.name for t in self.settings.eval.tasks]
         if not self._header:
             self._header = True
-            print("step  version  expert                ACC     BWT(den)      " + "  ".join(f"{t[:10]:>10}" for t in tasks), file=self.stream)
+            print("step  version  expert                ACC     BWT (n)        " + "  ".join(f"{t[:10]:>10}" for t in tasks), file=self.stream)
         if row["status"] != "ok":
             print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  evaluation failed: {row['error']}", file=self.stream)
             return
@@ -120,7 +121,7 @@ class BatchEval:
         den = row.get("bwt_denominator", 0)
         cells = "  ".join(f"{row['tasks'][t]['accuracy']:>10.4f}" for t in tasks)
         note = f"  HELD BACK: {row['gate_reason']}" if row.get("held_back") else ""
-        print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  {acc:>6}  {bwt:>7}({den})  {cells}{note}", file=self.stream)
+        print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  {acc:>6}  {bwt:>7} (n={den})  {cells}{note}", file=self.stream)
 
     def write_matrix(self) -> None:
         import os
@@ -184,16 +185,18 @@ def cmd_merge(args) -> int:
         for i, path in enumerate(experts, 1):
             print(f"[{i}/{len(experts)}] {path}", file=sys.stderr) if progress.enabled else None
             try:
+                meta = _sidecar_meta(path)
                 res = ws.merge(path)
-            except (CheckpointError, IncompatibleExpertError) as e:
+            except (CheckpointError, IncompatibleExpertError, SidecarError) as e:
                 failed += 1
-                print(f"rejected {path}: {e}", file=sys.stderr)
-                out.append({"path": str(path), "status": "rejected", "reason": str(e)})
+                klass, full, problems = rejection(e)
+                print(f"rejected {path}: {full}", file=sys.stderr)
+                out.append({"path": str(path), "status": "rejected", "reason": full, "reason_class": klass, "problems": problems})
                 continue
             if res.status == "duplicate":
                 print(f"duplicate {path}: expert {res.expert_id[:12]} is already merged; skipped")
             else:
-                _record_batch_step(ledger, path, res, _sidecar_meta(path))
+                _record_batch_step(ledger, path, res, meta)
                 names[res.step] = path.name
                 views = ", ".join(
                     f"{v} v{n} -> {ws.publishers[v].root / str(n)}" if n is not None else f"{v} unchanged"
@@ -231,10 +234,12 @@ def cmd_eval(args) -> int:
     ledger = Ledger(ws.root / "ledger.sqlite")
     try:
         evals = BatchEval(settings, ws, ledger)
-        step = pub.manifest(version).get("step", 0)
+        manifest = pub.manifest(version)
+        step = manifest.get("step", 0)
         job = EvalJob("deploy", version, step, str(pub.path(version)))
         row, seconds = evals.evaluate(job)  # a failure is recorded and reported: exit code 1
-        evals.print_row(job, row, "", seconds)
+        expert = (manifest.get("expert_names") or [""])[-1] if step else "θ0"  # the expert merged last
+        evals.print_row(job, row, expert, seconds)
         if args.json:
             print(json.dumps(row, indent=2))
     finally:
@@ -248,7 +253,7 @@ def cmd_promote(args) -> int:
     from mergewatch.daemon.ledger import Ledger
     from mergewatch.deploy.publisher import Publisher
 
-    settings = config.load(args.config)
+    settings = config.load(args.config, light=True)
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     before = pub.current()
     pub.promote(args.version)
@@ -281,15 +286,15 @@ def status_data(settings) -> dict:
     CLI has none, and its committed state says what was merged."""
     from mergewatch.daemon.ledger import Ledger
     from mergewatch.deploy.publisher import Publisher
-    from mergewatch.strategies.state import StateStore
+    from mergewatch.state_records import latest_record
 
     root = Path(settings.workspace)
     data: dict = {"workspace": str(root), "policy": {"init": settings.policy.init, "deploy": settings.policy.deploy}}
     for view in ("deploy", "init"):
         pub = Publisher(root / view, keep=settings.publish.keep)
         data[view] = {"current": pub.current(), "versions": pub.versions()}
-    snap = StateStore(root / "state").latest() if (root / "state").is_dir() else None
-    data["step"] = snap.t if snap else 0
+    latest = latest_record(root / "state")
+    data["step"] = latest[0] if latest else 0
     ledger_path = root / "ledger.sqlite"
     if ledger_path.is_file():
         led = Ledger(ledger_path, readonly=True)
@@ -313,9 +318,9 @@ def status_data(settings) -> dict:
             led.close()
     else:
         experts = []
-        if snap is not None:
-            names = snap.record.get("expert_names", [])
-            for i, sha in enumerate(snap.expert_ids):
+        if latest is not None:
+            names = latest[1].get("expert_names", [])
+            for i, sha in enumerate(latest[1]["expert_ids"]):
                 experts.append({"id": sha, "name": names[i] if i < len(names) else "", "status": "merged", "reason": "", "step": i + 1})
         data["queue"] = 0
         data["experts"] = experts
@@ -327,17 +332,23 @@ def status_data(settings) -> dict:
 def cmd_status(args) -> int:
     from mergewatch import config
 
-    data = status_data(config.load(args.config))
+    data = status_data(config.load(args.config, light=True))
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     print(f"workspace {data['workspace']}  policy init={data['policy']['init']} deploy={data['policy']['deploy']}  step {data['step']}")
+    if not Path(data["workspace"]).is_dir():
+        print("  the workspace does not exist yet: `mergewatch run` or `mergewatch merge` creates it")
     for view in ("deploy", "init"):
-        print(f"  {view}: current {data[view]['current']}  versions {data[view]['versions']}")
+        current, versions = data[view]["current"], data[view]["versions"]
+        if current is None and not versions:
+            print(f"  {view}: no version published yet")
+        else:
+            print(f"  {view}: current {'none yet' if current is None else current}  versions {versions}")
     print(f"  queue: {data['queue']}")
     for key, e in (data.get("eval") or {}).items():
         if e["status"] == "ok":
-            bwt = "-" if e.get("bwt") is None else f"{e['bwt']:+.4f} (1/{e.get('bwt_denominator')})"
+            bwt = "-" if e.get("bwt") is None else f"{e['bwt']:+.4f} (n={e.get('bwt_denominator')})"
             acc = "-" if e.get("acc") is None else f"{e['acc']:.4f}"
             held = "  held back: " + e["gate_reason"] if e.get("held_back") else ""
             print(f"  eval {key:>4}: ACC {acc}  BWT {bwt}{held}")
@@ -349,6 +360,8 @@ def cmd_status(args) -> int:
             print(f"  deploy version {h['version']} is held back by the gate: {h['reason']} (override: mergewatch promote {h['version']})")
         if gate["waiting_for_evaluation"]:
             print(f"  waiting for evaluation before becoming current: {gate['waiting_for_evaluation']}")
+    if not data["experts"]:
+        print("  no expert received yet (mergewatch submit puts one into the inbox; mergewatch merge merges files)")
     for e in data["experts"][-20:]:
         step = e["step"] if e["step"] is not None else "-"
         print(f"  step {step:>3}  {e['status']:<9} {(e['id'] or '-')[:12]:<12}  {e['name']}")
@@ -363,7 +376,7 @@ def cmd_rollback(args) -> int:
     from mergewatch import config
     from mergewatch.deploy.publisher import Publisher
 
-    settings = config.load(args.config)
+    settings = config.load(args.config, light=True)
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     new = pub.rollback(args.version, reason=args.reason)
     ledger_path = Path(settings.workspace) / "ledger.sqlite"
@@ -389,7 +402,7 @@ def cmd_submit(args) -> int:
     from mergewatch import config
     from mergewatch.daemon.inbox import submit
 
-    settings = config.load(args.config)
+    settings = config.load(args.config, light=True)
     meta = None
     if args.meta:
         try:
@@ -471,11 +484,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_reader_gone() -> bool:
+    """True when stdout is a pipe whose reader has gone away (``mergewatch status --json | head -c 10``)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # not a file descriptor (e.g. captured in-process)
+        return False
+
+
+def _silence_stdout() -> None:
+    """Send what is still buffered for stdout to /dev/null, so that the interpreter's last flush
+    does not print a BrokenPipeError either."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; the exit code (see the module's docstring). A reader of stdout that goes away
+    early (``| head``) ends the command quietly with 1 (DESIGN §3.6: "1 anything else")."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        try:
+            args = parser.parse_args(argv)
+        finally:
+            sys.stdout.flush()  # --help, --version: a closed pipe is found here rather than at exit
+        code = _run(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError as e:
+        if _stdout_reader_gone():
+            _silence_stdout()
+            return 1
+        print(f"mergewatch: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # main tells a closed stdout from another broken pipe
     except ConfigError as e:
         print(f"mergewatch: {e}", file=sys.stderr)
         return 2

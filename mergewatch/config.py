@@ -10,6 +10,12 @@ own hyper-parameters (``w``, ``ema_seed``, ``lambda``, ``weights``, ``include_ba
 hyper-parameters may be given in ``[policy]`` or ``[policy.<technique>]`` (e.g. ``[policy.ties]
 p = 0.8``); LiNeS in ``[policy.lines]``, Weight Weaving in ``[policy.weaving]``; a DFCMM method's
 hyper-parameters in ``[policy]`` or ``[policy.<method>]``.
+
+``load(path, light=True)`` is for the verbs that neither merge nor evaluate (``status``, ``submit``,
+``rollback``, ``promote``): building the strategy and opening the ``[eval]`` data and models would
+import torch and open_clip (seconds), so the policy is taken as written (``init``, ``deploy`` and
+``technique`` are only type-checked) and ``[eval]`` is checked without opening anything; every
+other key is checked as usual. Such settings must never be given to the merge engine (issue 14).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mergewatch.errors import ConfigError
+from mergewatch.numeric import DEFAULT_THREADS
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,12 @@ class ModelSettings:
     architecture: str = "auto"  # auto | open_clip_full | open_clip_visual | hf_clip_vision | generic | path
     roles: tuple = ()  # extra rules tried first: [{pattern, role, blocks?, ndim?}]
     dtype_policy: str = "float_cast"  # strict | float_cast
+    #: the model's configuration, copied into every published version (a bare open_clip model config
+    #: {embed_dim, vision_cfg, text_cfg} is published as open_clip's ``open_clip_config.json``)
+    config: str = ""
+    #: files published beside the weights: ["auto"] = every non-weight file of a base directory
+    #: (config.json, tokenizer files, ...), [] = none, or explicit paths (workspace.Companions)
+    companions: tuple = ("auto",)
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,19 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class BufferSettings:
+    #: which merged experts the store keeps: "all" (nothing is deleted), "needed" (what the policy
+    #: still reads) or an integer N (those plus the N most recently merged); buffer/store.py
+    keep_experts: str | int = "all"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    #: intra-op threads of every step and prepare, whatever OMP_NUM_THREADS says (mergewatch.numeric)
+    threads: int = DEFAULT_THREADS
+
+
+@dataclass(frozen=True)
 class Settings:
     workspace: Path
     base: Path
@@ -80,6 +106,8 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None  # the file it was loaded from
     eval: Any = None  # mergewatch.eval.settings.EvalSettings, or None when no [eval] tasks are configured
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    buffer: BufferSettings = field(default_factory=BufferSettings)
 
 
 # Typed value checks -----------------------------------------------------------------------------
@@ -267,6 +295,15 @@ def _policy(data: Any, root: Path | None = None) -> PolicySettings:
     return settings
 
 
+def _policy_as_written(data: Any) -> PolicySettings:
+    """The policy's names without its checks (``load(light=True)``): they need the strategies, i.e. torch."""
+    if not isinstance(data, dict):
+        raise ConfigError("policy", "expected a table")
+    defaults = PolicySettings()
+    names = {k: _check_type(f"policy.{k}", data.get(k, getattr(defaults, k)), str) for k in ("init", "deploy", "technique")}
+    return PolicySettings(**names)
+
+
 def _subtable(prefix: str, table: dict, keys: dict) -> dict:
     out = {}
     for k, v in table.items():
@@ -306,12 +343,47 @@ def _build_check(policy: PolicySettings) -> None:
         raise ConfigError(f"{prefix}.{hit}" if hit else prefix, msg) from e
 
 
+def _companion_paths(model: ModelSettings, root: Path) -> ModelSettings:
+    """``model.config`` and explicit ``model.companions`` resolved against the config's folder; each
+    must be an existing regular file, and two may not share a file name."""
+    from dataclasses import replace
+
+    def existing(key: str, value: Any) -> str:
+        p = root / _check_type(key, value, str)
+        if not p.is_file():
+            raise ConfigError(key, f"{p} is not a file")
+        return str(p)
+
+    config = existing("model.config", model.config) if model.config else ""
+    companions = model.companions
+    if companions != ("auto",):
+        companions = tuple(existing(f"model.companions[{i}]", c) for i, c in enumerate(companions))
+        names = [Path(c).name for c in companions]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError("model.companions", f"two files named {dup[0]!r}: published files need distinct names")
+    return replace(model, config=config, companions=companions)
+
+
+def _buffer(data: Any) -> BufferSettings:
+    if not isinstance(data, dict):
+        raise ConfigError("buffer", f"expected a table, got {data!r}")
+    for k in data:
+        if k != "keep_experts":
+            raise ConfigError(f"buffer.{k}", "unknown key; allowed keys in [buffer]: keep_experts")
+    keep = data.get("keep_experts", BufferSettings.keep_experts)
+    ok_int = isinstance(keep, int) and not isinstance(keep, bool) and keep >= 0
+    if not (ok_int or keep in ("all", "needed")):
+        raise ConfigError("buffer.keep_experts", f'expected "all", "needed" or an integer >= 0, got {keep!r}')
+    return BufferSettings(keep)
+
+
 # Loading ---------------------------------------------------------------------------------------
 
-TOP_KEYS = ("workspace", "base", "seed", "model", "policy", "watch", "publish", "metrics", "eval")
+TOP_KEYS = ("workspace", "base", "seed", "model", "policy", "buffer", "watch", "publish", "metrics", "engine", "eval")
 
 
-def parse(data: dict, *, source: Path | None = None) -> Settings:
+def parse(data: dict, *, source: Path | None = None, light: bool = False) -> Settings:
     for k in data:
         if k not in TOP_KEYS:
             raise ConfigError(k, f"unknown key; allowed top-level keys: {', '.join(TOP_KEYS)}")
@@ -324,6 +396,7 @@ def parse(data: dict, *, source: Path | None = None) -> Settings:
     seed = _check_type("seed", data.get("seed", 0), int)
     model = _section(ModelSettings, data.get("model", {}), "model")
     _choice("model.dtype_policy", model.dtype_policy, ("strict", "float_cast"))
+    model = _companion_paths(model, root)
     for i, r in enumerate(model.roles):
         if not isinstance(r, dict):
             raise ConfigError(f"model.roles[{i}]", "each override is a table {pattern, role}")
@@ -344,14 +417,18 @@ def parse(data: dict, *, source: Path | None = None) -> Settings:
     host, _, port = metrics.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("metrics.listen", f"expected HOST:PORT, got {metrics.listen!r}")
-    policy = _policy(data.get("policy", {}), root)
+    buffer = _buffer(data.get("buffer", {}))
+    engine = _section(EngineSettings, data.get("engine", {}), "engine")
+    _range("engine.threads", engine.threads, 1)
+    policy = _policy_as_written(data.get("policy", {})) if light else _policy(data.get("policy", {}), root)
     from mergewatch.eval.settings import parse_eval
 
-    evaluation = parse_eval(data.get("eval"), root, base)
-    return Settings(workspace, base, seed, model, policy, watch, publish, metrics, source, evaluation)
+    evaluation = parse_eval(data.get("eval"), root, base, light=light)
+    return Settings(workspace, base, seed, model, policy, watch, publish, metrics, source, evaluation, engine, buffer)
 
 
-def load(path: str | Path) -> Settings:
+def load(path: str | Path, *, light: bool = False) -> Settings:
+    """The settings of a config file; ``light``: see the module's docstring."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -361,4 +438,4 @@ def load(path: str | Path) -> Settings:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError("<file>", f"{path} is not valid TOML: {e}") from e
-    return parse(data, source=path.resolve())
+    return parse(data, source=path.resolve(), light=light)

@@ -3,6 +3,7 @@ merged with the TIME "Best-in-TIME" policy (init ema, deploy ema, technique wa) 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -46,6 +47,9 @@ workspace = "workspace"
 base = "base.safetensors"
 seed = 0
 
+[model]
+config = "tiny-clip.json"   # published as open_clip_config.json in every version
+
 [policy]
 init = "ema"
 deploy = "ema"
@@ -70,6 +74,7 @@ def run_demo(workdir: Path | None = None, n_experts: int = 3) -> int:
     write_safetensors_file(workdir / "base.safetensors", base)
     for i in range(1, n_experts + 1):
         write_safetensors_file(workdir / "experts" / f"expert-{i:02d}.safetensors", perturb(base, seed=i))
+    (workdir / "tiny-clip.json").write_text(json.dumps(TINY_CLIP, indent=2), "utf-8")
     (workdir / "mergewatch.toml").write_text(DEMO_CONFIG, "utf-8")
     print(f"demo: tiny open_clip CLIP base and {n_experts} experts generated in {workdir}")
     print(f"demo: policy init=ema deploy=ema technique=wa (Best-in-TIME); config {workdir / 'mergewatch.toml'}")

@@ -27,6 +27,7 @@ from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.roles import resolve_table
 from mergewatch.checkpoint.validate import ExpertReport, check_expert
 from mergewatch.config import Settings
+from mergewatch.deploy.companions import Companions, discover
 from mergewatch.deploy.publisher import Publisher
 from mergewatch.errors import MergewatchError
 from mergewatch.faults import crash_point
@@ -77,6 +78,8 @@ class Workspace:
         self.states = StateStore(self.root / "state")
         self.store = ExpertStore(self.root / "store")
         self.publishers = {v: Publisher(self.root / v, keep=settings.publish.keep) for v in VIEWS}
+        m = settings.model
+        self.companions = Companions(self.root / "companions", discover(Path(settings.base), m.companions, m.config))
         self._base_sha: str | None = None
 
     @property
@@ -193,6 +196,7 @@ class Workspace:
                 stage,
                 shard_bytes=self.settings.publish.shard_bytes or None,
                 progress=self._progress,
+                threads=self.settings.engine.threads,
             )
             self.states.write_record(
                 stage,
@@ -241,7 +245,8 @@ class Workspace:
 
         with self.states.prepare_staging(snap.t) as stage:
             res = run_prepare(self.strategy, ctx, self.base, snap.sets(), stage,
-                              shard_bytes=self.settings.publish.shard_bytes or None, progress=tick)
+                              shard_bytes=self.settings.publish.shard_bytes or None, progress=tick,
+                              threads=self.settings.engine.threads)
             self.states.write_prepared_record(stage, snap, res.sets, res.seconds)
         return PrepareOutcome(snap.t, res.sets, res.seconds, res.bytes_written)
 
@@ -256,6 +261,7 @@ class Workspace:
         """Publish both views of committed step ``t`` (idempotent: keyed by step and experts)."""
         snap = self.states.load(t)
         out: dict[str, int | None] = {}
+        companions = self.companions.snapshot()  # the model's configuration, tokenizer, ... (deploy/companions.py)
         for view in VIEWS:
             info = snap.record["views"][view]
             pub = self.publishers[view]
@@ -288,8 +294,10 @@ class Workspace:
                 "architecture": self.table.name,
                 "mergewatch": __version__,
             }
+            files.update({name: stored for name, (stored, _) in companions.items()})
+            manifest["companions"] = {name: sha for name, (_, sha) in companions.items()}
             if file_hashes is not None:
-                manifest["files"] = dict(file_hashes)
+                manifest["files"] = {**file_hashes, **manifest["companions"]}
             # With a deploy gate, a new deploy version becomes current only after its evaluation.
             out[view] = pub.publish(files, manifest, key=key, make_current=not (view == "deploy" and self.gated))
             crash_point("mid_publish")
@@ -306,13 +314,19 @@ class Workspace:
         return report
 
     def apply_retention(self, keep_ids: set[str] | None = None) -> None:
-        """Keep the last ``publish.keep_states`` states, the experts the policy needs, ``publish.keep``
-        versions per view. ``keep_ids``: experts that must stay too (e.g. queued, not merged yet)."""
+        """Keep the last ``publish.keep_states`` states, ``publish.keep`` versions per view and the
+        experts ``buffer.keep_experts`` says (buffer/store.py). ``keep_ids``: experts that must stay
+        too (e.g. queued, not merged yet)."""
         self.states.retain(self.settings.publish.keep_states)
-        need = set(keep_ids or ())
-        if self.strategy.buffer_need() is BufferNeed.ALL:
-            need |= set(self.merged_ids())
-        self.store.retain(need)
+        keep = self.settings.buffer.keep_experts
+        if keep != "all":
+            merged = self.merged_ids()
+            need = set(keep_ids or ())
+            if self.strategy.buffer_need() is BufferNeed.ALL:
+                need |= set(merged)
+            if keep != "needed" and keep > 0:
+                need |= set(merged[-keep:])
+            self.store.retain(need)
         for pub in self.publishers.values():
             pub.retain()
 

@@ -99,6 +99,11 @@ def test_demo_runs_without_downloads(tmp_path):
     r = run("demo", "--workdir", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     assert "merged" in r.stdout and "deploy/current -> 3" in r.stdout
+    # the published version holds the model's configuration: open_clip rebuilds it from there
+    import open_clip
+
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'demo' / 'workspace' / 'deploy' / 'current'}")
+    assert model.visual.conv1.weight.shape[-1] == 8
 
 
 def test_progress_bar_on_a_terminal_only():

@@ -23,6 +23,7 @@ from tests.daemon_support import (
     free_port,
     ledger_rows,
     metric_value,
+    read_ledger,
     wait_for,
     write_config,
 )
@@ -71,7 +72,7 @@ def test_end_to_end_five_experts(setup):
         assert loaded.version == 5
         assert list((ws / "inbox").iterdir()) == []  # claimed: moved into the store, sidecars recorded
         text = fetch_metrics(port)
-        assert metric_value(text, "mergewatch_experts_total", 'outcome="merged"') == 5.0
+        assert metric_value(text, "mergewatch_experts_total", 'outcome="merged",reason=""') == 5.0
         assert metric_value(text, "mergewatch_step") == 5.0
         assert metric_value(text, "mergewatch_current_version", 'view="deploy"') == 5.0
         assert metric_value(text, "mergewatch_merge_duration_seconds_count") == 5.0
@@ -106,7 +107,8 @@ def _nan_expert(base: dict) -> dict:
 def test_bad_input_while_running(setup):
     tmp, base_path = setup
     base = load_all(base_path)
-    cfg = write_config(tmp)
+    port = free_port()
+    cfg = write_config(tmp, port=port)
     inbox = tmp / "ws" / "inbox"
     d = DaemonProcess(cfg)
     try:
@@ -139,9 +141,15 @@ def test_bad_input_while_running(setup):
         nomarker = inbox / "sharded-no-marker"
         write_checkpoint(tmp / "stage-sharded", perturb(base, 7), shard_bytes=40_000)
         shutil.copytree(tmp / "stage-sharded", nomarker)
-        submit(good[2], inbox, name="good-last.safetensors")
+        # broken sidecars: the drop and its sidecar go to rejected/ together, with the JSON error
+        (inbox / "sidecar-syntax.json").write_text('{"task": "a",\n}', "utf-8")
+        submit(good[1], inbox, name="sidecar-syntax.safetensors")
+        (inbox / "sidecar-type.json").write_text('{"task": 3, "colour": "red"}', "utf-8")
+        submit(good[1], inbox, name="sidecar-type.safetensors")
+        submit(good[2], inbox, name="good-last.safetensors", meta={"task": "last", "tags": ["x"]})
         rejected = tmp / "ws" / "rejected"
-        expected_rejects = {*bad, "wrong-shapes.safetensors", "nan.safetensors", "pickled.safetensors", "link.safetensors"}
+        expected_rejects = {*bad, "wrong-shapes.safetensors", "nan.safetensors", "pickled.safetensors", "link.safetensors",
+                            "sidecar-syntax.safetensors", "sidecar-type.safetensors"}
         wait_for(lambda: sum(r.status == "merged" for r in ledger_rows(tmp / "ws")) == 3 and all((rejected / f"{n}.reason.txt").exists() for n in expected_rejects), 120, "3 merged + rejects")
         reasons = {n: (rejected / f"{n}.reason.txt").read_text() for n in expected_rejects}
         assert "truncated" in reasons["truncated.safetensors"]
@@ -151,12 +159,40 @@ def test_bad_input_while_running(setup):
         assert "NaN" in reasons["nan.safetensors"]
         assert "pickle" in reasons["pickled.safetensors"]
         assert "symlink" in reasons["link.safetensors"]
+        assert "not valid JSON" in reasons["sidecar-syntax.safetensors"] and "line 2, column 1" in reasons["sidecar-syntax.safetensors"]
+        assert "field 'task' must be a string" in reasons["sidecar-type.safetensors"] and "unknown field 'colour'" in reasons["sidecar-type.safetensors"]
+        for n in ("sidecar-syntax", "sidecar-type"):  # the sidecar travels with its drop
+            assert (rejected / f"{n}.safetensors.json").is_file() and not (inbox / f"{n}.json").exists()
         for n in expected_rejects:  # moved, not deleted
             assert (rejected / n).exists() or (rejected / n).is_symlink()
         assert outside.exists()
         rows = ledger_rows(tmp / "ws")
         merged = [r.name for r in rows if r.status == "merged"]
         assert merged == ["good one with spaces.safetensors", "ünïcødé..name.safetensors", "good-last.safetensors"]
+        # the full reason and its class everywhere: ledger, reason file, status --json, log, metric label
+        classes = {"truncated.safetensors": "truncated", "zero.safetensors": "truncated", "corrupt-header.safetensors": "header",
+                   "wrong-shapes.safetensors": "shape", "nan.safetensors": "nonfinite", "pickled.safetensors": "pickle",
+                   "link.safetensors": "symlink", "sidecar-syntax.safetensors": "sidecar", "sidecar-type.safetensors": "sidecar"}
+        by_name = {r.name: r for r in rows if r.status == "rejected"}
+        assert {n: by_name[n].reason_class for n in classes} == classes
+        shapes = by_name["wrong-shapes.safetensors"]
+        assert len(shapes.problems) == 49 and all(p.startswith("shape mismatch") for p in shapes.problems)  # all, not the first 50 lines' worth
+        assert shapes.reason.splitlines()[0] == "expert is incompatible with the base (49 problem(s)):"
+        assert all(p in shapes.reason and p in reasons["wrong-shapes.safetensors"] for p in shapes.problems)
+        st = subprocess.run([sys.executable, "-m", "mergewatch.cli", "status", "--config", str(cfg), "--json"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+        listed = {e["name"]: e for e in json.loads(st.stdout)["rejected"]}
+        assert listed["wrong-shapes.safetensors"]["problems"] == shapes.problems
+        assert listed["wrong-shapes.safetensors"]["reason_class"] == "shape"
+        events = {l["name"]: l for l in d.lines() if l.get("event") == "rejected"}
+        assert events["wrong-shapes.safetensors"]["problems"] == shapes.problems and events["wrong-shapes.safetensors"]["reason_class"] == "shape"
+        text = fetch_metrics(port)
+        for klass in set(classes.values()):
+            assert metric_value(text, "mergewatch_experts_total", f'outcome="rejected",reason="{klass}"') == list(classes.values()).count(klass), klass
+        # a claimed drop's sidecar is moved beside it in the store (never deleted)
+        last = next(r for r in rows if r.name == "good-last.safetensors")
+        assert last.meta == {"task": "last", "tags": ["x"]}
+        assert json.loads((tmp / "ws" / "store" / f"{last.id}.sidecar.json").read_text()) == last.meta
         assert nomarker.is_dir()  # still waiting
         (nomarker / "_SUCCESS").write_text("")
         wait_for(lambda: sum(r.status == "merged" for r in ledger_rows(tmp / "ws")) == 4, 60, "marker-completed directory merged")
@@ -265,7 +301,8 @@ def test_dfcmm_methods_run_in_the_daemon(setup, policy):
     from mergewatch.workspace import Workspace
 
     tmp, base_path = setup
-    cfg = write_config(tmp, policy=f'init = "zs"\n{policy}')
+    port = free_port()
+    cfg = write_config(tmp, policy=f'init = "zs"\n{policy}', port=port)
     experts = [make_expert(base_path, tmp / "src" / f"m{i}.safetensors", seed=40 + i) for i in range(3)]
     d = DaemonProcess(cfg)
     try:
@@ -277,6 +314,9 @@ def test_dfcmm_methods_run_in_the_daemon(setup, policy):
     d = DaemonProcess(cfg)
     try:
         d.wait_ready()
+        # the last-success gauge survives the restart: it is the ledger's last publish
+        published = read_ledger(tmp / "ws", lambda led: led.steps(limit=1))[0]["published_at"]
+        assert metric_value(fetch_metrics(port), "mergewatch_last_success_timestamp_seconds") == pytest.approx(published, abs=1e-3)
         for e in experts[1:]:
             submit(e, tmp / "ws" / "inbox")
         wait_for(lambda: [r.status for r in ledger_rows(tmp / "ws")] == ["merged"] * 3, 120, "all merged")

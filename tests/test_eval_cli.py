@@ -50,8 +50,12 @@ def test_merge_prints_rows_and_writes_the_matrix(batch, capsys):
     assert per[1]["acc"] == m["values"][0][0] == 1.0  # t2 is evaluated at step 1 but not counted: not trained yet
     assert per[2]["bwt_denominator"] == 1 and per[3]["acc"] == (m["values"][0][2] + m["values"][1][2]) / 2
 
-    # `eval` again on demand: a new ledger row, EVAL.json replaced
+    assert "BWT (n)" in out and "(n=1)" in lines[2]  # one notation for BWT's denominator everywhere
+
+    # `eval` again on demand: a new ledger row, EVAL.json replaced; the row names the expert
     assert main(["eval", "--config", str(cfg), "2", "--json"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line[:4].strip() == "2")
+    assert row.split()[:3] == ["2", "2", "b-bad.safetensors"]
     led = Ledger(tmp / "ws" / "ledger.sqlite", readonly=True)
     try:
         assert len([r for r in led.evaluations() if (r["view"], r["version"]) == ("deploy", 2)]) == 2

@@ -152,6 +152,63 @@ def test_watcher_returns_each_new_version_once(tmp_path):
     assert got is not None and got.version == 4 and got.manifest["rolled_back_from"] == 1
 
 
+def _publish_later(pub: Publisher, tmp_path: Path, i: int, delay: float, **kw) -> threading.Thread:
+    """Publish ``tensors(i)`` from another thread after ``delay`` seconds (a running daemon's publish)."""
+    t = threading.Thread(target=lambda: (time.sleep(delay), publish(pub, tmp_path, i, **kw)), daemon=True)
+    t.start()
+    return t
+
+
+def test_watcher_waits_for_a_version_newer_than_the_current_one(tmp_path):
+    root = tmp_path / "deploy"
+    pub = Publisher(root)
+    assert publish(pub, tmp_path, 0) == 1
+    w = ModelWatcher(root, interval=0.01)
+    # Version 1 was current when the watcher was created: it is not "new", so nothing to return.
+    assert w.poll() is None and w.loaded is None
+    t0 = time.monotonic()
+    assert w.wait(timeout=0.3) is None
+    assert time.monotonic() - t0 >= 0.3
+    # A held-back publish (deploy gate) does not move CURRENT: still nothing new.
+    publish(pub, tmp_path, 1, make_current=False)
+    assert w.wait(timeout=0.1) is None
+    writer = _publish_later(pub, tmp_path, 2, delay=0.3)
+    t0 = time.monotonic()
+    try:
+        got = w.wait(timeout=30)
+    finally:
+        writer.join()
+    assert time.monotonic() - t0 >= 0.3  # it waited for the publish instead of returning version 1
+    assert got is not None and got.version == 3 and got.manifest["step"] == 2 and w.loaded is got
+    assert torch.equal(state_dict(got)["w"], tensors(2)["w"])
+    # Returned once: the next wait waits for yet another version and times out without one.
+    assert w.wait(timeout=0.2) is None
+    writer = _publish_later(pub, tmp_path, 3, delay=0.1)
+    try:
+        assert w.wait(timeout=30).version == 4
+    finally:
+        writer.join()
+
+
+def test_watcher_since_a_loaded_model(tmp_path):
+    root = tmp_path / "deploy"
+    pub = Publisher(root)
+    publish(pub, tmp_path, 0)
+    model = load_current(root)
+    publish(pub, tmp_path, 1)  # made current between load_current and the watcher's creation
+    w = ModelWatcher(root, interval=0.01, since=model)
+    assert w.loaded is model
+    got = w.wait(timeout=5)
+    assert got is not None and got.version == 2
+    assert ModelWatcher(root, interval=0.01).wait(timeout=0.1) is None  # without since: 2 is known
+    w = ModelWatcher(root, interval=0.01, since=got)
+    assert w.poll() is None
+    (root / "CURRENT").unlink()  # the symlink fallback names version 2 without a manifest hash
+    assert w.wait(timeout=0.1) is None
+    publish(pub, tmp_path, 2)
+    assert w.wait(timeout=5).version == 3
+
+
 def _read_pinned_current(root: Path) -> int:
     """Read through the ``current`` symlink the safe way: follow it once (open it as a directory) and
     verify every file named by that directory's manifest relative to the open descriptor."""

@@ -143,3 +143,19 @@ def test_default_stream_is_stdout_of_a_real_process():
     published, started = (json.loads(line) for line in proc.stdout.splitlines())
     assert published["event"] == "published" and (published["expert"], published["step"], published["version"]) == ("e1", 2, 3)
     assert started["logger"] == "apscheduler.scheduler" and started.keys() == KEYS
+
+
+def test_readme_lists_exactly_the_events_the_daemon_logs():
+    """The README's log-event list is the set of event names the daemon's code logs (a name that
+    is only a ledger event kind, such as ``published``, must not be listed as a log event)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "".join(p.read_text("utf-8") for p in (root / "mergewatch" / "daemon").glob("*.py"))
+    logged = set(re.findall(r"\blog(?:\.bind\([^)]*\))?\.(?:info|warning|error|exception|critical)\(\s*\"([a-z_]+)\"", code))
+    readme = (root / "README.md").read_text("utf-8")
+    listed_block = readme[readme.index("**Logs**"):readme.index("APScheduler's and watchdog's own")]
+    listed = set(re.findall(r"`([a-z_]+)`", listed_block.split("(The")[0].split("bound:", 1)[1])) - {"versions"}
+    assert {"queued", "merged", "rejected", "recovered"} <= logged
+    assert listed == logged, f"in the code only: {sorted(logged - listed)}; in the README only: {sorted(listed - logged)}"

@@ -102,6 +102,10 @@ def test_updates_and_label_sets_are_closed():
     assert sample(text, "mergewatch_job_failures_total", job="rescan") == 1
     with pytest.raises(ValueError, match="outcome"):
         m.count_expert("exploded")
+    with pytest.raises(ValueError, match="reason"):  # the reason label is a closed set too
+        m.count_expert("rejected", "cosmic-rays")
+    with pytest.raises(ValueError, match="reason class"):  # and a rejection always has one
+        m.count_expert("rejected")
     with pytest.raises(ValueError, match="view"):
         m.set_version("staging", 1)
     with pytest.raises(ValueError, match="job"):
@@ -136,13 +140,14 @@ def test_http_endpoint_serves_live_values():
     with m.serve("127.0.0.1:0") as server:
         assert server.port > 0
         assert server.url == f"http://127.0.0.1:{server.port}/metrics"
-        m.count_expert("rejected")
+        m.count_expert("rejected", "pickle")
         m.set_queue(7)
         with urllib.request.urlopen(server.url, timeout=5) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
             text = resp.read().decode()
-        assert sample(text, "mergewatch_experts_total", outcome="rejected") == 1
+        assert sample(text, "mergewatch_experts_total", outcome="rejected", reason="pickle") == 1
+        assert sample(text, "mergewatch_experts_total", outcome="rejected", reason="truncated") == 0
         assert sample(text, "mergewatch_queue_depth") == 7
         m.set_queue(0)
         with urllib.request.urlopen(server.url, timeout=5) as resp:

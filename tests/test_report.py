@@ -101,7 +101,7 @@ def test_report_of_a_finished_workspace(finished: Path):
     assert md_row("2", "2", "expert-2.safetensors", "B", "82.50", "-10.00", "1", "+5.00", "68.33", "55.00", f"{math.sqrt(2.05 / 3 * .55) * 100:.2f}", "") in md
     assert md_row("3", "3", "c-run", "C", "78.33", "-15.00", "2", "+7.50", "63.75", "50.00", "56.46", "") in md
     assert md_row("4", "4", "D.safetensors", "D", *["—"] * 7, "evaluation failed") in md
-    assert "ACC 78.33, BWT -15.00 (n = 2)" in md
+    assert "ACC 78.33, BWT -15.00 (n=2)" in md
     # the matrix: own-step cells bold, the missing cell a dash, the failed step 4 not a column
     assert md_row("task", "own step", "θ0", "1", "2", "3") in md
     assert md_row("A", "1", "50.00", "**90.00**", "80.00", "70.00") in md
@@ -251,7 +251,7 @@ def test_only_the_base_evaluated(tmp_path: Path):
     paths = write_report(ws)
     assert {"acc_bwt", "matrix", "per_task", "ka_zs"} <= set(paths)
     md = paths["markdown"].read_text("utf-8")
-    assert "Latest evaluated step: θ0, the base model. ACC —, BWT — (n = 0)" in md
+    assert "Latest evaluated step: θ0, the base model. ACC —, BWT — (n=0)" in md
     assert md_row("θ0", "base", "—", "—", "—", "—", "0", "—", "35.00", "60.00", f"{math.sqrt(.35 * .6) * 100:.2f}", "base model") in md
     assert md_row("A", "not trained", "50.00") in md
 
@@ -261,3 +261,27 @@ def test_a_corrupt_ledger_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ReportError, match="cannot read the ledger"):
         write_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def test_ka_zs_colours_a_long_stream_by_step(tmp_path: Path):
+    """30 steps: the points are coloured by step with a colour bar, and only the first and the last
+    point carry a label (a label per point piled into a blob)."""
+    steps = 30
+    acc = {"A": [0.5 + 0.01 * i for i in range(steps + 1)], "H": [0.6 - 0.005 * i for i in range(steps + 1)]}
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    led = Ledger(ws / "ledger.sqlite")
+    led.add_evaluation("base", 0, 0, ok_row(0, acc))
+    for s in range(1, steps + 1):
+        merge_step(led, s, f"A{s}.safetensors", {"task": "A"})
+        row = ok_row(s, acc)
+        row["task_order"] = ["A"]
+        led.add_evaluation("deploy", s, s, row)
+    led.close()
+    data = report.collect(ws, report.read_ledger(ws / "ledger.sqlite"))
+    fig = report.plot_ka_zs(data, tmp_path / "ka_zs.png")
+    ax, bar = fig.axes
+    assert bar.get_ylabel() == "step (0 = θ0)"
+    colours = ax.collections[-1].get_array()
+    assert list(colours) == list(range(steps + 1))
+    assert [t.get_text() for t in ax.texts if not t.get_text().startswith("GM")] == [report._step_label(0), report._step_label(steps)]

@@ -123,17 +123,46 @@ def test_duplicate_is_skipped(tmp_path, stream):
 
 
 def test_all_keeps_every_expert_ema_keeps_none(tmp_path, stream):
+    """With ``[buffer] keep_experts = "needed"`` the store keeps what the policy still reads."""
     d, base, experts = stream
     for policy, kept in (('init = "zs"\ndeploy = "all"', 3), ('init = "ema"\ndeploy = "ema"', 0)):
         sub = tmp_path / str(kept)
         sub.mkdir()
         (sub / "base.safetensors").symlink_to(base)
-        ws = Workspace(config.load(write_config(sub, policy)))
+        ws = Workspace(config.load(write_config(sub, policy, '[buffer]\nkeep_experts = "needed"')))
         for p in experts:
             ws.merge(p)
         assert len(ws.store.ids()) == kept
         if kept:
             assert set(ws.store.ids()) == set(ws.merged_ids())
+
+
+@pytest.mark.parametrize("keep, kept", [(None, 3), ('"all"', 3), ("1", 1), ("0", 0), ('"needed"', 0)])
+def test_keep_experts_decides_what_the_store_deletes(tmp_path, stream, keep, kept):
+    """By default nothing is deleted (a daemon's store holds the only copy of a moved drop); an
+    integer keeps the most recently merged ones; a stored sidecar goes with its expert."""
+    d, base, experts = stream
+    (tmp_path / "base.safetensors").symlink_to(base)
+    extra = "" if keep is None else f"[buffer]\nkeep_experts = {keep}"
+    ws = Workspace(config.load(write_config(tmp_path, 'init = "ema"\ndeploy = "ema"', extra)))
+    sides = []
+    for p in experts:
+        out = ws.merge(p)
+        side = tmp_path / f"{p.stem}.json"
+        side.write_text('{"task": "t"}', "utf-8")
+        ws.store.keep_sidecar(out.expert_id, side)  # as the daemon does when it claims a drop
+        sides.append(ws.store.sidecar_path(out.expert_id))
+        ws.apply_retention()
+    assert ws.store.ids() == sorted(ws.merged_ids()[len(experts) - kept:])
+    assert [s.is_file() for s in sides] == [i >= len(experts) - kept for i in range(len(experts))]
+
+
+@pytest.mark.parametrize("bad", ['"some"', "-1", "true", "1.5"])
+def test_keep_experts_is_validated(tmp_path, bad):
+    (tmp_path / "base.safetensors").write_bytes(b"")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write_config(tmp_path, 'deploy = "ema"', f"[buffer]\nkeep_experts = {bad}"))
+    assert e.value.key == "buffer.keep_experts"
 
 
 def test_resume_with_other_policy_is_refused(tmp_path, stream):

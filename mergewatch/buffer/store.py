@@ -2,8 +2,13 @@
 
 Experts are kept as ``store/<sha256>.safetensors`` (single file) or ``store/<sha256>/`` (sharded
 directory), named by the sha256 of their tensor content, so the same expert is stored once whatever
-its file name. The policy decides what must stay: every expert for a policy that merges over ``all``,
-nothing once merged for ``ema``/``ft`` and the DFCMM methods (their running state is enough).
+its file name. A claimed drop's sidecar is kept beside it (``<sha256>.sidecar.json``).
+
+What is deleted, and when, is the workspace's ``[buffer] keep_experts`` (``Workspace.apply_retention``
+after every step): ``"all"`` (the default) deletes nothing; ``"needed"`` keeps only what the policy
+still reads (every expert for a policy that merges over ``all``, nothing once merged for
+``ema``/``ft`` and the DFCMM methods, whose running state is enough); an integer N keeps those plus
+the N most recently merged experts. Experts still queued are always kept.
 
 Entering the store is atomic: a file is linked, copied or moved under a temporary name, fsynced and
 renamed; a directory is staged and renamed. ``claim(move=True)`` is the daemon's claim of an inbox
@@ -20,6 +25,10 @@ from pathlib import Path
 
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.writer import atomic_directory, clear_staging, fsync_path
+
+
+#: a claimed drop's sidecar, kept beside its expert
+SIDECAR_SUFFIX = ".sidecar.json"
 
 
 class ExpertStore:
@@ -46,10 +55,21 @@ class ExpertStore:
     def ids(self) -> list[str]:
         out = []
         for p in self.root.iterdir():
-            if p.name.startswith("."):
+            if p.name.startswith(".") or p.name.endswith(SIDECAR_SUFFIX):
                 continue
             out.append(p.name.removesuffix(".safetensors"))
         return sorted(out)
+
+    def sidecar_path(self, sha: str) -> Path:
+        return self.root / f"{sha}{SIDECAR_SUFFIX}"
+
+    def keep_sidecar(self, sha: str, sidecar: str | os.PathLike) -> Path:
+        """Move a claimed drop's sidecar beside it (``<sha>.sidecar.json``; its content is also in the
+        ledger): the daemon never deletes a file a user dropped, it only moves it."""
+        dest = self.sidecar_path(sha)
+        os.replace(sidecar, dest)
+        fsync_path(self.root)
+        return dest
 
     def claim(self, source: str | os.PathLike, sha: str, *, move: bool = False) -> Path:
         """Put ``source`` into the store under ``sha`` (no-op if already there)."""
@@ -80,6 +100,7 @@ class ExpertStore:
         return final
 
     def remove(self, sha: str) -> None:
+        self.sidecar_path(sha).unlink(missing_ok=True)
         p = self.path(sha)
         if p is None:
             return
@@ -95,6 +116,9 @@ class ExpertStore:
         removed = [sha for sha in self.ids() if sha not in keep]
         for sha in removed:
             self.remove(sha)
+        for side in self.root.glob(f"*{SIDECAR_SUFFIX}"):  # a sidecar whose expert is gone goes too
+            if side.name.removesuffix(SIDECAR_SUFFIX) not in keep and not self.has(side.name.removesuffix(SIDECAR_SUFFIX)):
+                side.unlink(missing_ok=True)
         return removed
 
     def recover(self) -> int:

@@ -82,7 +82,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 def _sniff_pickle(path: Path, head: bytes) -> None:
     if _looks_like_pickle(head):
-        raise CheckpointError(path, "file content is a PyTorch/pickle archive, not safetensors; " + PICKLE_REFUSAL)
+        raise CheckpointError(path, "file content is a PyTorch/pickle archive, not safetensors; " + PICKLE_REFUSAL, "pickle")
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -112,7 +112,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(path, PICKLE_REFUSAL)
+        raise CheckpointError(path, PICKLE_REFUSAL, "pickle")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -120,22 +120,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(head) < 8:
                 _sniff_pickle(path, head)
                 what = "empty (0 bytes)" if size == 0 else f"{size} bytes: too short to be safetensors (truncated)"
-                raise CheckpointError(path, f"file is {what}")
+                raise CheckpointError(path, f"file is {what}", "truncated")
             (n,) = struct.unpack("<Q", head)
             plausible = 0 < n <= MAX_HEADER_BYTES and 8 + n <= size
             first = f.read(1) if plausible else b""
             if first != b"{":
                 _sniff_pickle(path, head)
                 if not 0 < n <= MAX_HEADER_BYTES:
-                    raise CheckpointError(path, f"header length {n} is not plausible: not a safetensors file or corrupt")
+                    raise CheckpointError(path, f"header length {n} is not plausible: not a safetensors file or corrupt", "not_safetensors")
                 if 8 + n > size:
                     raise CheckpointError(
-                        path, f"header claims {n} bytes but the file has only {size - 8} after the length: truncated"
+                        path, f"header claims {n} bytes but the file has only {size - 8} after the length: truncated", "truncated"
                     )
-                raise CheckpointError(path, "header does not start with '{': not a safetensors file or corrupt")
+                raise CheckpointError(path, "header does not start with '{': not a safetensors file or corrupt", "not_safetensors")
             raw = first + f.read(n - 1)
     except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from e
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}", "vanished" if isinstance(e, FileNotFoundError) else "unreadable") from e
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
@@ -170,7 +170,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             )
         if end > data_len:
             raise CheckpointError(
-                path, f"tensor '{name}': data ends at byte {end} but the file has {data_len} data bytes: truncated"
+                path, f"tensor '{name}': data ends at byte {end} but the file has {data_len} data bytes: truncated", "truncated"
             )
         spans.append((begin, end, name))
         infos[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
@@ -182,7 +182,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(path, f"tensor '{name}': {what}: header lies about sizes")
         pos = end
     if pos != data_len:
-        raise CheckpointError(path, f"header describes {pos} data bytes but the file holds {data_len}: corrupt or padded file")
+        raise CheckpointError(path, f"header describes {pos} data bytes but the file holds {data_len}: corrupt or padded file", "truncated")
     return infos, metadata
 
 
@@ -190,24 +190,24 @@ def _resolve_layout(path: Path) -> tuple[list[Path], Path | None]:
     """The shard files of a checkpoint and its index file (None for a single file)."""
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise CheckpointError(path, PICKLE_REFUSAL)
+            raise CheckpointError(path, PICKLE_REFUSAL, "pickle")
         return [path], None
     if not path.is_dir():
-        raise CheckpointError(path, "no such file or directory")
+        raise CheckpointError(path, "no such file or directory", "vanished")
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise CheckpointError(path, f"several index files: {[p.name for p in indexes]}")
+        raise CheckpointError(path, f"several index files: {[p.name for p in indexes]}", "layout")
     if indexes:
         return [], indexes[0]
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:
         return singles, None
     if not singles and pickles:
-        raise CheckpointError(path, f"holds only pickle checkpoints {pickles}; " + PICKLE_REFUSAL)
+        raise CheckpointError(path, f"holds only pickle checkpoints {pickles}; " + PICKLE_REFUSAL, "pickle")
     if not singles:
-        raise CheckpointError(path, "directory holds no .safetensors file")
-    raise CheckpointError(path, f"directory holds {len(singles)} .safetensors files but no *.safetensors.index.json")
+        raise CheckpointError(path, "directory holds no .safetensors file", "not_safetensors")
+    raise CheckpointError(path, f"directory holds {len(singles)} .safetensors files but no *.safetensors.index.json", "layout")
 
 
 class LazyCheckpoint(Mapping):
@@ -228,17 +228,17 @@ class LazyCheckpoint(Mapping):
             try:
                 data = json.loads(index.read_text("utf-8"))
             except (OSError, ValueError) as e:
-                raise CheckpointError(index, f"invalid index file: {e}") from e
+                raise CheckpointError(index, f"invalid index file: {e}", "layout") from e
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict):
-                raise CheckpointError(index, "invalid index file: needs an object 'weight_map' {tensor: shard file}")
+                raise CheckpointError(index, "invalid index file: needs an object 'weight_map' {tensor: shard file}", "layout")
             for tname, shard in weight_map.items():
                 if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard.startswith("."):
-                    raise CheckpointError(index, f"invalid shard name {shard!r} for tensor '{tname}' in weight_map")
+                    raise CheckpointError(index, f"invalid shard name {shard!r} for tensor '{tname}' in weight_map", "layout")
             shard_names = sorted(set(weight_map.values()))
             missing = [s for s in shard_names if not (self.path / s).is_file()]
             if missing:
-                raise CheckpointError(self.path, f"index names shard(s) that are missing: {missing}")
+                raise CheckpointError(self.path, f"index names shard(s) that are missing: {missing}", "layout")
             files = [self.path / s for s in shard_names]
             meta = data.get("metadata") or {}
             self.metadata = {k: str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
@@ -248,15 +248,15 @@ class LazyCheckpoint(Mapping):
                 self.metadata = meta
             for name, info in part.items():
                 if name in infos:
-                    raise CheckpointError(self.path, f"tensor '{name}' is stored in two shards")
+                    raise CheckpointError(self.path, f"tensor '{name}' is stored in two shards", "layout")
                 if index is not None and weight_map.get(name) != f.name:
                     said = f"says {weight_map[name]!r}" if name in weight_map else "does not list it"
-                    raise CheckpointError(self.path, f"tensor '{name}' is in shard {f.name} but the index {said}")
+                    raise CheckpointError(self.path, f"tensor '{name}' is in shard {f.name} but the index {said}", "layout")
                 infos[name] = info
         if index is not None:
             absent = sorted(set(weight_map) - set(infos))
             if absent:
-                raise CheckpointError(self.path, f"index lists tensors no shard holds: {absent[:10]}")
+                raise CheckpointError(self.path, f"index lists tensors no shard holds: {absent[:10]}", "layout")
         self.files = files
         self._infos = dict(sorted(infos.items()))
 
@@ -281,7 +281,7 @@ class LazyCheckpoint(Mapping):
                     got += k
             if got != info.nbytes:
                 raise CheckpointError(
-                    info.file, f"tensor '{name}': short read, {got} of {info.nbytes} bytes (file changed or truncated)"
+                    info.file, f"tensor '{name}': short read, {got} of {info.nbytes} bytes (file changed or truncated)", "truncated"
                 )
             t = raw.view(info.torch_dtype)
         else:

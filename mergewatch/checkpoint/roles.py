@@ -20,10 +20,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergewatch.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # torch only in annotations: config checks role tables without it (issue 14)
+    import torch
 
 TABLE_DIR = Path(__file__).with_name("roles")
 DETECTION_ORDER = ("open_clip_full", "open_clip_visual", "hf_clip_vision", "generic")

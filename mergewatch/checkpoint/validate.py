@@ -15,7 +15,7 @@ import torch
 from mergewatch.checkpoint.hashing import ContentHasher
 from mergewatch.checkpoint.reader import FLOAT_CODES, LazyCheckpoint
 from mergewatch.checkpoint.writer import tensor_bytes
-from mergewatch.errors import IncompatibleExpertError
+from mergewatch.errors import IncompatibleExpertError, Problem
 
 #: "strict": every dtype equals the base's; "float_cast": floating tensors may differ in float dtype
 #: (they are cast to the base's storage dtype), other tensors must match exactly.
@@ -48,17 +48,17 @@ def compare_layout(expert: LazyCheckpoint, base: LazyCheckpoint, dtype_policy: s
     problems: list[str] = []
     ek, bk = set(expert), set(base)
     for k in sorted(bk - ek):
-        problems.append(f"missing tensor '{k}' (in the base, not in the expert)")
+        problems.append(Problem("missing_key", f"missing tensor '{k}' (in the base, not in the expert)"))
     for k in sorted(ek - bk):
-        problems.append(f"unexpected tensor '{k}' (in the expert, not in the base)")
+        problems.append(Problem("unexpected_key", f"unexpected tensor '{k}' (in the expert, not in the base)"))
     for k in sorted(ek & bk):
         e, b = expert.info(k), base.info(k)
         if e.shape != b.shape:
-            problems.append(f"shape mismatch for '{k}': expert {list(e.shape)} vs base {list(b.shape)}")
+            problems.append(Problem("shape", f"shape mismatch for '{k}': expert {list(e.shape)} vs base {list(b.shape)}"))
         if e.dtype != b.dtype:
             both_float = e.dtype in FLOAT_CODES and b.dtype in FLOAT_CODES
             if dtype_policy == "strict" or not both_float:
-                problems.append(f"dtype mismatch for '{k}': expert {e.dtype} vs base {b.dtype} (dtype_policy={dtype_policy})")
+                problems.append(Problem("dtype", f"dtype mismatch for '{k}': expert {e.dtype} vs base {b.dtype} (dtype_policy={dtype_policy})"))
     return problems
 
 
@@ -82,7 +82,7 @@ def check_expert(
             if bad.any():
                 n_nan = int(torch.isnan(t).sum())
                 n_inf = int(bad.sum()) - n_nan
-                problems.append(f"non-finite values in '{name}': {n_nan} NaN, {n_inf} Inf")
+                problems.append(Problem("nonfinite", f"non-finite values in '{name}': {n_nan} NaN, {n_inf} Inf"))
         h.add(name, info.dtype, info.shape, tensor_bytes(t))
         if progress:
             progress(i + 1, len(names))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from mergewatch.checkpoint.durable import fsync_path
 from mergewatch.checkpoint.hashing import ContentHasher
 from mergewatch.checkpoint.reader import DTYPES, TORCH_TO_CODE
 
@@ -60,15 +61,6 @@ class TensorSpec:
         for s in self.shape:
             n *= s
         return n
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -9,30 +9,68 @@ Failures never reach the daemon: an exception in the evaluator comes back as an 
 worker that dies (out of memory, a segfault in a plugin) is noticed, its job reported as failed and
 a new worker started for the next job. ``stop`` terminates the worker without waiting for a long
 evaluation; the version stays unevaluated in the ledger and is evaluated again after a restart.
+
+The worker never outlives the daemon, however the daemon dies (``kill -9`` included; outside
+systemd's cgroup nothing else would reap it): first thing, it asks the kernel for SIGKILL when its
+parent dies (``PR_SET_PDEATHSIG``), checks that the parent is still the daemon (it may have died
+before the request), and watches a "lifeline" pipe whose only write end the daemon holds (EOF: the
+daemon is gone). Jobs and results travel over plain pipes rather than ``multiprocessing.Queue``s:
+no semaphores, so multiprocessing's resource tracker (which every ``spawn`` starts) has nothing to
+clean up, and it exits by itself at EOF once the daemon and the worker are both gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
-import queue
+import os
 import signal
+import threading
 import time
 from collections import deque
 
 from mergewatch.eval.book import EvalJob
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-def _worker_main(settings, table_name: str, jobs, results) -> None:  # runs in the child process
+
+def _die_with_parent(parent_pid: int, lifeline, pdeathsig: bool) -> None:  # runs in the child process
+    """End this process when the daemon ends. ``PR_SET_PDEATHSIG`` fires when the *thread* that
+    started the child exits, so it is asked for only when the daemon's main thread started it (the
+    main thread lives as long as the process); the lifeline covers every case, one read away."""
+    if pdeathsig:
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        except (AttributeError, OSError):  # not Linux: the lifeline alone
+            pass
+    if os.getppid() != parent_pid:  # the daemon died before the request: no signal will come
+        os._exit(0)
+
+    def watch() -> None:
+        try:
+            lifeline.recv()  # the daemon never sends: this returns at EOF, when it is gone
+        except (EOFError, OSError):
+            pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
+def _worker_main(settings, table_name: str, jobs, results, parent_pid: int, lifeline, pdeathsig: bool) -> None:  # the child
+    _die_with_parent(parent_pid, lifeline, pdeathsig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when the worker stops
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from mergewatch.eval.runner import try_evaluate
 
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.recv()
+        except EOFError:  # the daemon closed its end (or is gone)
+            return
         if job is None:
             return
         # anything, even SystemExit, is reported to the daemon, which records and retries it
-        results.put((job, *try_evaluate(settings, table_name, job.path, catch=BaseException)))
+        results.send((job, *try_evaluate(settings, table_name, job.path, catch=BaseException)))
 
 
 class EvalWorker:
@@ -41,8 +79,9 @@ class EvalWorker:
         self.table_name = table_name
         self._ctx = mp.get_context("spawn")
         self._proc = None
-        self._jobs = None
+        self._jobs = None  # write ends the daemon keeps; the worker holds the other ends
         self._results = None
+        self._lifeline = None
         self._queue: deque[EvalJob] = deque()
         self._inflight: EvalJob | None = None
         self._started_at = 0.0
@@ -68,17 +107,15 @@ class EvalWorker:
         """Finished jobs since the last call: ``(job, ok, result or error text, seconds)``."""
         done = []
         if self._inflight is not None:
-            try:
-                item = self._results.get_nowait()
-            except queue.Empty:
-                item = None
-                if not self._proc.is_alive():
-                    try:  # a result written just before the worker exited is still in the pipe
-                        item = self._results.get(timeout=0.5)
-                    except queue.Empty:
-                        code = self._proc.exitcode
-                        item = (self._inflight, False, f"the evaluation worker died (exit code {code})", time.monotonic() - self._started_at)
-                        self._discard_worker()
+            alive = self._proc.is_alive()
+            try:  # a result written just before the worker exited is still in the pipe
+                item = self._results.recv() if self._results.poll(0 if alive else 0.5) else None
+            except (EOFError, OSError):  # the worker is gone without a result
+                item, alive = None, False
+            if item is None and not alive:
+                code = self._proc.exitcode
+                item = (self._inflight, False, f"the evaluation worker died (exit code {code})", time.monotonic() - self._started_at)
+                self._discard_worker()
             if item is not None:
                 done.append(item)
                 self._inflight = None
@@ -92,16 +129,29 @@ class EvalWorker:
             self._start_worker()
         self._inflight = self._queue.popleft()
         self._started_at = time.monotonic()
-        self._jobs.put(self._inflight)
+        try:
+            self._jobs.send(self._inflight)
+        except OSError:  # the worker died just now: the next poll reports the job and starts another
+            pass
 
     # Process ------------------------------------------------------------------------------------
     def _start_worker(self) -> None:
-        self._jobs = self._ctx.Queue()
-        self._results = self._ctx.Queue()
+        self._discard_worker()
+        jobs, self._jobs = self._ctx.Pipe(duplex=False)
+        self._results, results = self._ctx.Pipe(duplex=False)
+        lifeline, self._lifeline = self._ctx.Pipe(duplex=False)
+        pdeathsig = threading.current_thread() is threading.main_thread()
         self._proc = self._ctx.Process(
-            target=_worker_main, args=(self.settings, self.table_name, self._jobs, self._results), name="mergewatch-eval", daemon=True
+            target=_worker_main,
+            args=(self.settings, self.table_name, jobs, results, os.getpid(), lifeline, pdeathsig),
+            name="mergewatch-eval",
+            daemon=True,
         )
-        self._proc.start()
+        try:
+            self._proc.start()
+        finally:
+            for end in (jobs, results, lifeline):  # the worker has its own copies: EOF now means "gone"
+                end.close()
 
     def _discard_worker(self) -> None:
         if self._proc is not None and self._proc.is_alive():
@@ -110,11 +160,10 @@ class EvalWorker:
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(5)
-        for q in (self._jobs, self._results):
-            if q is not None:
-                q.cancel_join_thread()
-                q.close()
-        self._proc = self._jobs = self._results = None
+        for end in (self._jobs, self._results, self._lifeline):
+            if end is not None:
+                end.close()
+        self._proc = self._jobs = self._results = self._lifeline = None
 
     def stop(self) -> None:
         """Terminate the worker now (a running evaluation is abandoned and re-run after a restart)."""

@@ -26,7 +26,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergewatch.checkpoint.writer import fsync_path
+from mergewatch.checkpoint.durable import fsync_path
+from mergewatch.errors import SidecarError
 
 MARKER = "_SUCCESS"
 IGNORED_SUFFIXES = (".partial", ".tmp", ".json", ".reason.txt")
@@ -38,6 +39,7 @@ class Drop:
     path: Path
     kind: str  # "file" | "dir" | "symlink"
     fingerprint: str
+    first_seen: float = 0.0  # wall-clock time the inbox first saw the entry (a cp drop's quiet period counts)
 
     @property
     def sidecar(self) -> Path | None:
@@ -135,7 +137,7 @@ class Inbox:
             items = sorted(self._candidates.items(), key=lambda kv: (kv[1], kv[0]))
             moved = set(self._moved_in)
         out = []
-        for name, _ in items:
+        for name, seen in items:
             p = self.root / name
             try:
                 st = p.lstat()
@@ -143,29 +145,58 @@ class Inbox:
                 self.forget(name)
                 continue
             if p.is_symlink():
-                out.append(Drop(name, p, "symlink", fingerprint(p)))
+                out.append(Drop(name, p, "symlink", fingerprint(p), seen))
             elif p.is_dir():
                 if (p / MARKER).is_file():
-                    out.append(Drop(name, p, "dir", fingerprint(p)))
+                    out.append(Drop(name, p, "dir", fingerprint(p), seen))
             elif p.is_file():
                 quiet = now - st.st_mtime >= self.quiet_seconds
                 if (name in moved and name.endswith(".safetensors")) or quiet:
-                    out.append(Drop(name, p, "file", fingerprint(p)))
+                    out.append(Drop(name, p, "file", fingerprint(p), seen))
         return out
 
 
-def read_sidecar(drop: Drop) -> tuple[dict, str | None]:
-    """(metadata, problem): a malformed sidecar is not fatal, it is reported."""
-    p = drop.sidecar
-    if p is None:
-        return {}, None
+#: The sidecar's fields (DESIGN §3.1) and what each must be.
+SIDECAR_FIELDS = {
+    "task": "a string (the task name the evaluation knows it by)",
+    "parent": "a string (the init version or sha256 it was fine-tuned from)",
+    "eval": "a string (an evaluation spec reference)",
+    "tags": "a list of strings or an object of strings, numbers and booleans",
+}
+
+
+def _field_ok(key: str, value) -> bool:
+    if key == "tags":
+        if isinstance(value, list):
+            return all(isinstance(v, str) for v in value)
+        return isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values())
+    return isinstance(value, str)
+
+
+def parse_sidecar(path: Path | None) -> dict:
+    """The metadata of a sidecar file ({} without one). Raises ``SidecarError`` naming what is wrong:
+    the JSON error with its line and column, or every unknown or ill-typed field."""
+    if path is None:
+        return {}
     try:
-        data = json.loads(p.read_text("utf-8"))
-        if not isinstance(data, dict):
-            return {}, f"sidecar {p.name} is not a JSON object"
-        return data, None
-    except (OSError, ValueError) as e:
-        return {}, f"sidecar {p.name} unreadable: {e}"
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SidecarError(f"sidecar {path.name} is unreadable: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SidecarError(f"sidecar {path.name} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from e
+    if not isinstance(data, dict):
+        raise SidecarError(f"sidecar {path.name} must be a JSON object, got {type(data).__name__}")
+    problems = []
+    for k, v in data.items():
+        if k not in SIDECAR_FIELDS:
+            problems.append(f"unknown field {k!r} (allowed: {', '.join(SIDECAR_FIELDS)})")
+        elif not _field_ok(k, v):
+            problems.append(f"field {k!r} must be {SIDECAR_FIELDS[k]}, got {json.dumps(v)[:80]}")
+    if problems:
+        raise SidecarError(f"sidecar {path.name}: " + "; ".join(problems))
+    return data
 
 
 def _unique(dest_dir: Path, name: str) -> Path:

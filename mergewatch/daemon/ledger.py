@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 STATUSES = ("queued", "merging", "merged", "rejected", "duplicate")
@@ -76,6 +76,11 @@ MIGRATIONS: list[str] = [
         data TEXT NOT NULL DEFAULT '{}'
     );
     """,
+    # 2: the class of a rejection (a bounded set, errors.REJECT_CLASSES) and every problem (JSON list)
+    """
+    ALTER TABLE experts ADD COLUMN reason_class TEXT NOT NULL DEFAULT '';
+    ALTER TABLE experts ADD COLUMN problems TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -90,11 +95,14 @@ class ExpertRow:
     reason: str
     step: int | None
     meta: dict
-    received_at: float
+    received_at: float  # first seen in the inbox (batch: when the step began)
     updated_at: float
+    reason_class: str = ""  # errors.REJECT_CLASSES for a rejected row, else ""
+    problems: list = field(default_factory=list)  # every problem of a rejection, in full
 
     def public(self) -> dict:
-        return {"seq": self.seq, "id": self.id, "name": self.name, "status": self.status, "reason": self.reason, "step": self.step}
+        return {"seq": self.seq, "id": self.id, "name": self.name, "status": self.status, "reason": self.reason,
+                "reason_class": self.reason_class, "problems": self.problems, "step": self.step}
 
 
 class Ledger:
@@ -130,12 +138,13 @@ class Ledger:
         return _Tx(self.db)
 
     # Experts ---------------------------------------------------------------------------------
-    def add_drop(self, name: str, source: str, fingerprint: str, meta: dict | None = None) -> int:
+    def add_drop(self, name: str, source: str, fingerprint: str, meta: dict | None = None, *, received_at: float | None = None) -> int:
+        """A new queued row; ``received_at`` is when the drop was first seen (default: now)."""
         now = time.time()
         with self.tx():
             cur = self.db.execute(
                 "INSERT INTO experts(name, source, fingerprint, status, meta, received_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-                (name, source, fingerprint, "queued", json.dumps(meta or {}), now, now),
+                (name, source, fingerprint, "queued", json.dumps(meta or {}), received_at or now, now),
             )
             seq = cur.lastrowid
             self._event("queued", seq, None, data={"name": name})
@@ -160,19 +169,23 @@ class Ledger:
     def queue_depth(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM experts WHERE status IN ('queued','merging')").fetchone()[0]
 
-    def set_status(self, seq: int, status: str, *, id: str | None = None, reason: str | None = None, step: int | None = None, meta: dict | None = None) -> None:
+    def set_status(self, seq: int, status: str, *, id: str | None = None, reason: str | None = None, step: int | None = None,
+                   meta: dict | None = None, reason_class: str | None = None, problems: list[str] | None = None) -> None:
+        """Move a row to ``status``; a rejection keeps its full ``reason``, its class and every problem."""
         assert status in STATUSES
         sets, args = ["status=?", "updated_at=?"], [status, time.time()]
-        for col, val in (("id", id), ("reason", reason), ("step", step)):
+        for col, val in (("id", id), ("reason", reason), ("step", step), ("reason_class", reason_class)):
             if val is not None:
                 sets.append(f"{col}=?")
                 args.append(val)
-        if meta is not None:
-            sets.append("meta=?")
-            args.append(json.dumps(meta))
+        for col, obj in (("meta", meta), ("problems", problems)):
+            if obj is not None:
+                sets.append(f"{col}=?")
+                args.append(json.dumps(obj))
+        data = {k: v for k, v in (("reason", reason), ("reason_class", reason_class)) if v}
         with self.tx():
             self.db.execute(f"UPDATE experts SET {', '.join(sets)} WHERE seq=?", (*args, seq))
-            self._event(status, seq, id, step=step, data={"reason": reason} if reason else {})
+            self._event(status, seq, id, step=step, data=data)
 
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in STATUSES}
@@ -281,4 +294,5 @@ class _Tx:
 def _row(r: sqlite3.Row) -> ExpertRow:
     d = dict(r)
     d["meta"] = json.loads(d.get("meta") or "{}")
+    d["problems"] = json.loads(d.get("problems") or "[]")
     return ExpertRow(**d)

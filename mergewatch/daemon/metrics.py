@@ -12,7 +12,8 @@ counter that never fired reads 0 instead of being absent (``rate()`` and alerts 
 Exposed metrics (``mergewatch_`` omitted)::
 
     queue_depth                        gauge      drops claimed and waiting for the worker
-    experts_total{outcome}             counter    merged | rejected | duplicate
+    experts_total{outcome, reason}     counter    merged | rejected | duplicate; reason: the class of a
+                                                  rejection (errors.REJECT_CLASSES), "" otherwise
     step                               gauge      index of the last committed strategy step
     current_version{view}              gauge      version `current` points to (deploy | init); 0 = none
     latest_version{view}               gauge      newest published version; differs from current_version
@@ -20,7 +21,8 @@ Exposed metrics (``mergewatch_`` omitted)::
     merge_duration_seconds             histogram  one strategy step (validate excluded)
     publish_duration_seconds           histogram  staging + fsync + rename + pointer swap, both views
     evaluate_duration_seconds          histogram  one evaluation of a published version
-    drop_to_publish_seconds            histogram  drop seen in the inbox -> its step published
+    drop_to_publish_seconds            histogram  drop first seen in the inbox (a copied drop's quiet
+                                                  period included) -> its step published
     last_success_timestamp_seconds     gauge      Unix time of the last published step
     acc{policy} / bwt{policy}          gauge      ACC / BWT of the current deploy version (SPEC §5)
     evaluations_total{outcome}         counter    ok | failed evaluation attempts
@@ -43,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 
 from mergewatch import __version__
+from mergewatch.errors import REJECT_CLASSES
 
 NAMESPACE = "mergewatch"
 DEFAULT_LISTEN = "127.0.0.1:9464"
@@ -86,7 +89,8 @@ class Metrics:
 
         self.queue_depth = Gauge("queue_depth", "Drops claimed and waiting for the merge worker.", namespace=ns, registry=r)
         self.experts_total = Counter(
-            "experts", "Experts processed, by outcome.", ["outcome"], namespace=ns, registry=r
+            "experts", "Experts processed, by outcome (reason: the class of a rejection, empty otherwise).", ["outcome", "reason"],
+            namespace=ns, registry=r
         )
         self.step = Gauge("step", "Index of the last committed strategy step.", namespace=ns, registry=r)
         self.current_version = Gauge(
@@ -113,7 +117,7 @@ class Metrics:
             namespace=ns, registry=r, buckets=DURATION_BUCKETS,
         )
         self.drop_to_publish_seconds = Histogram(
-            "drop_to_publish_seconds", "Latency from a drop appearing in the inbox to its step being published.",
+            "drop_to_publish_seconds", "Latency from a drop first being seen in the inbox (a copied drop's quiet period included) to its step being published.",
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
         )
         self.last_success_timestamp_seconds = Gauge(
@@ -140,7 +144,8 @@ class Metrics:
             ProcessCollector(namespace=ns, registry=r)
 
         for outcome in OUTCOMES:
-            self.experts_total.labels(outcome=outcome)
+            for reason in REJECT_CLASSES if outcome == "rejected" else ("",):
+                self.experts_total.labels(outcome=outcome, reason=reason)
         for view in VIEWS:
             self.current_version.labels(view=view)
             self.latest_version.labels(view=view)
@@ -156,8 +161,10 @@ class Metrics:
     def set_queue(self, n: int) -> None:
         self.queue_depth.set(n)
 
-    def count_expert(self, outcome: str) -> None:
-        self.experts_total.labels(outcome=_check("outcome", outcome, OUTCOMES)).inc()
+    def count_expert(self, outcome: str, reason: str = "") -> None:
+        if (outcome == "rejected") != bool(reason):
+            raise ValueError(f"a rejection needs a reason class and only a rejection has one (got {outcome!r}, {reason!r})")
+        self.experts_total.labels(outcome=_check("outcome", outcome, OUTCOMES), reason=_check("reason", reason, ("", *REJECT_CLASSES))).inc()
 
     def set_step(self, step: int) -> None:
         self.step.set(step)

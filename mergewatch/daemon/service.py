@@ -20,6 +20,7 @@ the next step computes the same tensors itself either way.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -29,9 +30,9 @@ from pathlib import Path
 from mergewatch import __version__, config
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.faults import crash_point
-from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError
+from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError, SidecarError, rejection
 from mergewatch.daemon import sdnotify
-from mergewatch.daemon.inbox import Inbox, file_sidecar, read_sidecar, reject
+from mergewatch.daemon.inbox import Inbox, file_sidecar, parse_sidecar, reject
 from mergewatch.daemon.ledger import ExpertRow, Ledger
 from mergewatch.daemon.logs import configure_logging, get_logger
 from mergewatch.daemon.metrics import Metrics
@@ -170,7 +171,11 @@ class Daemon:
                 self.ledger.set_status(row.seq, "merged", step=step)
                 self.log.info("recovered_merged", expert_id=row.id, step=step)
         self._refresh_gauges()
-        self.log.info("recovered", **{k: str(v) for k, v in report.items()})
+        last = [r["published_at"] for r in self.ledger.steps(limit=1) if r.get("published_at")]
+        if last:  # the last publish before this process started (the gauge survives restarts)
+            self.metrics.mark_success(last[0])
+        # JSON objects, not Python reprs: {"deploy_recover": {"staging_removed": [...], ...}, ...}
+        self.log.info("recovered", **json.loads(json.dumps(report, default=str)))
 
     # The loop --------------------------------------------------------------------------------
     def _on_tensor(self, *_args) -> None:
@@ -182,9 +187,14 @@ class Daemon:
         self._collect_evals()
         for drop in self.inbox.ready():
             if not self.ledger.is_pending_source(drop.name):
-                meta, problem = read_sidecar(drop)
-                seq = self.ledger.add_drop(drop.name, drop.name, drop.fingerprint, meta)
-                self.log.info("queued", seq=seq, name=drop.name, sidecar_problem=problem)
+                try:
+                    meta, problem = parse_sidecar(drop.sidecar), None
+                except SidecarError as e:  # the drop goes to rejected/ with its sidecar (README: sidecars)
+                    meta, problem = {}, e
+                seq = self.ledger.add_drop(drop.name, drop.name, drop.fingerprint, meta, received_at=drop.first_seen or None)
+                self.log.info("queued", seq=seq, name=drop.name)
+                if problem is not None:
+                    self._reject(self.ledger.get(seq), drop.path, problem, self.log.bind(seq=seq, name=drop.name))
             self.inbox.forget(drop.name)
         self.metrics.set_queue(self.ledger.queue_depth())
         row = self.ledger.next_queued()
@@ -206,7 +216,7 @@ class Daemon:
 
     def _fail(self, row: ExpertRow, exc: Exception) -> None:
         reason = f"internal error while merging: {type(exc).__name__}: {exc}"
-        self.log.exception("step_error", seq=row.seq, error=reason)
+        self.log.exception("step_error", seq=row.seq, error=reason, reason_class="internal")
         row = self.ledger.get(row.seq)
         src = self.inbox.root / row.source
         merged = self.ws.merged_ids()
@@ -216,32 +226,34 @@ class Daemon:
             if src.exists() or src.is_symlink():
                 reject(src, reason, self.ws.root / "rejected", file_sidecar(src))
             elif row.id and self.ws.store.has(row.id):
-                reject(self.ws.store.path(row.id), reason, self.ws.root / "rejected")
+                side = self.ws.store.sidecar_path(row.id)
+                reject(self.ws.store.path(row.id), reason, self.ws.root / "rejected", side if side.is_file() else None)
         except OSError as e2:
             self.log.error("set_aside_failed", seq=row.seq, error=str(e2))
-        self.ledger.set_status(row.seq, "rejected", reason=reason[:500])
-        self.metrics.count_expert("rejected")
+        self.ledger.set_status(row.seq, "rejected", reason=reason, reason_class="internal", problems=[reason])
+        self.metrics.count_expert("rejected", "internal")
 
     def process(self, row: ExpertRow) -> None:
         log = self.log.bind(seq=row.seq, name=row.name)
         src = self.inbox.root / row.source
         if row.status == "queued":
-            reason = None
+            problem: Exception | None = None
             if src.is_symlink():
-                reason = f"symlinks are not accepted (points to {os.readlink(src)}): drop the file itself"
+                problem = CheckpointError(src, f"symlinks are not accepted (points to {os.readlink(src)}): drop the file itself", "symlink")
             elif not src.exists():
-                self.ledger.set_status(row.seq, "rejected", reason="the drop disappeared from the inbox before it was claimed")
-                self.metrics.count_expert("rejected")
+                gone = "the drop disappeared from the inbox before it was claimed"
+                self.ledger.set_status(row.seq, "rejected", reason=gone, reason_class="vanished", problems=[gone])
+                self.metrics.count_expert("rejected", "vanished")
                 return
             elif src.is_file() and not src.name.endswith(".safetensors"):
-                reason = "not a .safetensors file; " + _why_not_safetensors(src)
-            if reason is None:
+                problem = CheckpointError(src, "not a .safetensors file; " + _why_not_safetensors(src), "not_safetensors")
+            if problem is None:
                 try:
                     _, report = self.ws.validate(src)
                 except (CheckpointError, IncompatibleExpertError, OSError) as e:
-                    reason = str(e)
-            if reason is not None:
-                self._reject(row, src, reason, log)
+                    problem = e
+            if problem is not None:
+                self._reject(row, src, problem, log)
                 return
             sha = report.content_sha256
             merged = self.ws.merged_ids()  # the committed state is the truth about what is merged
@@ -267,13 +279,14 @@ class Daemon:
         crash_point("before_claim")
         if not self.ws.store.has(sha):
             if not src.exists():
-                self.ledger.set_status(row.seq, "rejected", reason="lost: neither in the store nor in the inbox")
+                lost = "lost: neither in the store nor in the inbox"
+                self.ledger.set_status(row.seq, "rejected", reason=lost, reason_class="vanished", problems=[lost])
                 log.error("lost")
                 return
             self.ws.store.claim(src, sha, move=True)
         side = file_sidecar(src)
         if side is not None:
-            side.unlink()  # its content is in the ledger row (meta)
+            self.ws.store.keep_sidecar(sha, side)  # moved beside the expert: a user's file is never deleted
         crash_point("after_claim")
         step = len(merged) + 1
         self.ledger.step_started(step, sha, row.seq)
@@ -286,9 +299,10 @@ class Daemon:
             outcome = self.ws.step(sha, row.name)
         except (CheckpointError, IncompatibleExpertError) as e:
             self._in_step = False
-            self.ledger.set_status(row.seq, "rejected", reason=f"step failed: {e}")
-            self.metrics.count_expert("rejected")
-            log.error("step_failed", error=str(e))
+            _, full, problems = rejection(e)
+            self.ledger.set_status(row.seq, "rejected", reason=f"step failed: {full}", reason_class="step_failed", problems=problems)
+            self.metrics.count_expert("rejected", "step_failed")
+            log.error("step_failed", error=full, problems=problems, reason_class="step_failed")
             return
         finally:
             self._in_step = False
@@ -300,7 +314,7 @@ class Daemon:
         self.metrics.count_expert("merged")
         self.metrics.observe_merge(outcome.merge_seconds)
         self.metrics.observe_publish(outcome.publish_seconds)
-        self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))
+        self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))  # from first seen in the inbox
         self.metrics.mark_success()
         self._refresh_gauges()
         log.info("merged", versions=outcome.versions, seconds=round(seconds, 3), prepared=outcome.prepared)
@@ -345,11 +359,15 @@ class Daemon:
         if self._stop.is_set():
             raise _PrepareAbandoned  # the staging directory is removed; redone after a restart
 
-    def _reject(self, row: ExpertRow, src: Path, reason: str, log) -> None:
-        dest = reject(src, reason, self.ws.root / "rejected", file_sidecar(src))
-        self.ledger.set_status(row.seq, "rejected", reason=reason.splitlines()[0][:500])
-        self.metrics.count_expert("rejected")
-        log.warning("rejected", reason=reason.splitlines()[0][:500], moved_to=str(dest))
+    def _reject(self, row: ExpertRow, src: Path, problem: Exception, log) -> None:
+        """Move a bad drop (and its sidecar) to rejected/ with the full reason, everywhere: the
+        reason file, the ledger, the log event and ``status --json`` (``problems``), and its class
+        as the metric's bounded ``reason`` label."""
+        klass, full, problems = rejection(problem)
+        dest = reject(src, full, self.ws.root / "rejected", file_sidecar(src))
+        self.ledger.set_status(row.seq, "rejected", reason=full, reason_class=klass, problems=problems)
+        self.metrics.count_expert("rejected", klass)
+        log.warning("rejected", reason=full.splitlines()[0], reason_class=klass, problems=problems, moved_to=str(dest))
 
     # Jobs -----------------------------------------------------------------------------------
     def _rescan_job(self) -> None:

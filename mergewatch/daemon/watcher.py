@@ -5,6 +5,10 @@ noticed sooner."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
@@ -33,9 +37,28 @@ class InboxWatcher:
     def start(self) -> None:
         self.observer.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the emitter threads first, then the observer, so that a clean stop logs no error.
+
+        ``observer.stop()`` tears each emitter's inotify watch group down while the emitter thread
+        may still hold an event it has read, and watchdog then logs "InotifyEmitter.queue_events()
+        called when the thread is inactive". After a merge that is the rule, not a race: claiming a
+        drop moves it out of the inbox, an IN_MOVED_FROM without a matching IN_MOVED_TO, which
+        watchdog holds 0.5 s to pair it, so a SIGTERM within 0.5 s of a claim finds the emitter
+        waiting to deliver it. So: ask each emitter to stop, wake it (listing its directory is an
+        inotify event), let it deliver what it holds and leave its loop, and only then stop and join
+        the observer, which removes the watches and closes inotify with no emitter running.
+        """
+        deadline = time.monotonic() + timeout
+        emitters = [e for e in self.observer.emitters if e.is_alive()]
+        for e in emitters:
+            e.stopped_event.set()
+            with contextlib.suppress(OSError):
+                os.listdir(e.watch.path)
+        for e in emitters:
+            e.join(max(0.0, deadline - time.monotonic()))
         self.observer.stop()
-        self.observer.join(timeout=5)
+        self.observer.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:

@@ -24,11 +24,14 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.errors import CheckpointError, MergewatchError
+
+if TYPE_CHECKING:  # torch is imported when a version is loaded: the publisher reads names from here (issue 14)
+    import torch
+
+    from mergewatch.checkpoint.reader import LazyCheckpoint
 
 #: Names in a view directory (DESIGN §3.2).
 POINTER_FILE = "CURRENT"
@@ -156,6 +159,8 @@ def load_version(root: str | os.PathLike, version: int, manifest_sha256: str | N
                 raise gone_or(IntegrityError(f"{vdir / name}: listed in the manifest but missing")) from None
             if got != expected:
                 raise IntegrityError(f"{vdir / name}: sha256 {got} does not match the manifest ({expected}): file damaged or tampered with")
+    from mergewatch.checkpoint.reader import LazyCheckpoint
+
     try:
         ckpt = LazyCheckpoint(vdir)
     except CheckpointError as e:
@@ -198,24 +203,49 @@ def state_dict(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 
 
 class ModelWatcher:
-    """Reload when ``CURRENT`` changes: ``poll()`` returns a ``LoadedModel`` when the pointer names a
-    different version than the last one returned (the first poll returns the current one), else None.
+    """Wait for a new current version: ``poll()`` / ``wait()`` return a ``LoadedModel`` only when the
+    pointer names another version than the one the watcher already knows, else None.
+
+    The known version is ``since`` (typically the model the caller serves, from ``load_current``) or,
+    without it, whatever is current when the watcher is created (nothing, if nothing is published
+    yet); after that, the version last returned. So::
+
+        model = load_current(root)
+        watcher = ModelWatcher(root, since=model)
+        new = watcher.wait(timeout=60)   # a version made current after ``model``, or None
+
+    Passing ``since`` closes the gap between ``load_current`` and the watcher's creation: a version
+    made current in between is still reported. "New" means "made current since", not "a higher
+    number": a rollback is published as a new, higher version anyway, and ``mergewatch promote`` of
+    an older held-back version is reported too, since it changes what should be served.
 
     Only the small ``CURRENT`` file is read while nothing changes. Integrity errors propagate (the
     pointer is not marked as seen, so the next poll tries again); a version removed while loading is
     skipped, the next poll sees whatever replaced it.
     """
 
-    def __init__(self, root: str | os.PathLike, interval: float = 1.0, *, verify: bool = True):
+    def __init__(self, root: str | os.PathLike, interval: float = 1.0, *, verify: bool = True, since: LoadedModel | None = None):
         self.root = Path(root)
         self.interval = interval
         self.verify = verify
-        self.loaded: LoadedModel | None = None
-        self._seen: tuple[int, str | None] | None = None
+        #: The version last returned (or ``since``); None until one is.
+        self.loaded: LoadedModel | None = since
+        self._seen: tuple[int, str | None] | None = (
+            (since.version, since.manifest_sha256) if since is not None else read_pointer(self.root)
+        )
+
+    def _is_seen(self, pointer: tuple[int, str | None]) -> bool:
+        # The symlink fallback has no manifest hash: then the version number alone identifies it
+        # (numbers are never reused); with both hashes known, a different hash is a different pointer.
+        seen = self._seen
+        if seen is None or seen[0] != pointer[0]:
+            return False
+        return seen[1] is None or pointer[1] is None or seen[1] == pointer[1]
 
     def poll(self) -> LoadedModel | None:
+        """The current version if it is new (see the class), else None; never blocks."""
         pointer = read_pointer(self.root)
-        if pointer is None or pointer == self._seen:
+        if pointer is None or self._is_seen(pointer):
             return None
         try:
             loaded = load_version(self.root, pointer[0], pointer[1], verify=self.verify)
@@ -226,7 +256,8 @@ class ModelWatcher:
         return loaded
 
     def wait(self, timeout: float | None = None) -> LoadedModel | None:
-        """Poll every ``interval`` seconds until a new version appears or ``timeout`` seconds pass."""
+        """Poll every ``interval`` seconds until a version newer than the known one is current and
+        return it, or return None once ``timeout`` seconds pass (None: wait forever)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             loaded = self.poll()

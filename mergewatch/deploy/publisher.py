@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mergewatch.checkpoint.writer import fsync_path
+from mergewatch.checkpoint.durable import fsync_path
 from mergewatch.deploy.loader import (
     EVAL_FILE,
     MANIFEST_FILE,

@@ -15,11 +15,12 @@ retried).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from mergewatch.errors import MergewatchError
+
+if TYPE_CHECKING:  # torch only in annotations: status reads evaluations without it (issue 14)
+    import torch
 
 
 class EvalError(MergewatchError):

@@ -292,8 +292,8 @@ def plot_per_task(d: ReportData, path: Path) -> None:
     fig.savefig(path)
 
 
-def plot_ka_zs(d: ReportData, path: Path) -> None:
-    """A_KA against A_ZS per step (TIME's trade-off), with iso-GM curves."""
+def plot_ka_zs(d: ReportData, path: Path):
+    """A_KA against A_ZS per step (TIME's trade-off), with iso-GM curves; returns the figure."""
     import numpy as np
 
     both = [c for c in d.columns if c.summary["a_ka"] is not None and c.summary["a_zs"] is not None]
@@ -309,8 +309,12 @@ def plot_ka_zs(d: ReportData, path: Path) -> None:
         if lo <= g <= hi:  # the curve GM = g crosses the diagonal at (g, g)
             ax.annotate(f"GM {g}", (g, g), fontsize=7, color="grey", ha="left", va="bottom")
     ax.plot(xs, ys, "-", color="tab:blue", alpha=0.5)
-    ax.scatter(xs, ys, c=range(len(pts)), cmap="viridis", zorder=3)
-    for s, x, y in pts:
+    # Colour encodes the step (with a colour bar): labelling every point piled the labels of a long
+    # stream into one unreadable blob; only the first and the last point are named.
+    steps = [p[0] for p in pts]
+    sc = ax.scatter(xs, ys, c=steps, cmap="viridis", vmin=min(steps, default=0), vmax=max(max(steps, default=1), 1), zorder=3)
+    fig.colorbar(sc, ax=ax, label="step (0 = θ0)")
+    for s, x, y in pts[:1] + pts[-1:] if len(pts) > 1 else pts:
         ax.annotate(_step_label(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
@@ -319,6 +323,7 @@ def plot_ka_zs(d: ReportData, path: Path) -> None:
     ax.set_title("knowledge accumulation vs zero-shot retention")
     ax.grid(alpha=0.3)
     fig.savefig(path)
+    return fig
 
 
 # The document --------------------------------------------------------------------------------
@@ -376,7 +381,7 @@ def build_document(d: ReportData, written_plots: list[str]) -> list[Block]:
         last = d.columns[-1]
         s = last.summary
         where = "θ0, the base model" if last.step == 0 else f"{last.step} (deploy version {last.version})"
-        headline = f"Latest evaluated step: {where}. ACC {_pct(s['acc'])}, BWT {_signed(s['bwt'])} (n = {s['bwt_denominator']})"
+        headline = f"Latest evaluated step: {where}. ACC {_pct(s['acc'])}, BWT {_signed(s['bwt'])} (n={s['bwt_denominator']})"
         headline += f", FWT {_signed(s['fwt'])}, A_KA {_pct(s['a_ka'])}"
         if d.held_out:
             headline += f", A_ZS {_pct(s['a_zs'])}, GM {_pct(s['gm'])}"

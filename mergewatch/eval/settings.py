@@ -8,6 +8,10 @@ the right shape, the CLIP architecture is known. Errors are ``ConfigError`` with
 the index style ``eval.tasks[0].data`` (0-based, like ``model.roles[0]``) and a message that names
 the task and the file. Paths are relative to the config file's directory (``root``).
 
+``light=True`` (the CLI verbs that never evaluate: ``status``, ``rollback``, ...) checks the keys,
+types and ranges only and opens nothing (no data, model config, checkpoint or base), so that it
+imports neither torch nor open_clip (issue 14).
+
 Example::
 
     [eval]
@@ -127,13 +131,14 @@ def _bool(key: str, v: Any) -> bool:
 TOP_KEYS = tuple(f.name for f in fields(EvalSettings))
 
 
-def parse_eval(data: dict | None, root: Path, base: Path | None = None) -> EvalSettings | None:
+def parse_eval(data: dict | None, root: Path, base: Path | None = None, *, light: bool = False) -> EvalSettings | None:
     """``[eval]`` -> ``EvalSettings`` (None when there is no table or it lists no task).
 
     The keys of a table without tasks are still checked, so a typo is never silently ignored.
     ``base`` (θ0) is used, when it exists, to find out early that a CLIP evaluator has an open_clip
     base and whether ``clip_zeroshot`` needs ``text_checkpoint`` (a visual-only base has no text
-    tower); a base that does not exist yet is checked when the evaluator is built.
+    tower); a base that does not exist yet is checked when the evaluator is built. ``light``: see
+    the module's docstring.
     """
     if data is None:
         return None
@@ -167,13 +172,15 @@ def parse_eval(data: dict | None, root: Path, base: Path | None = None) -> EvalS
         values["plugin"] = _plugin_spec(_str("eval.plugin", data["plugin"]))
     if "text_checkpoint" in data:
         p = root / _str("eval.text_checkpoint", data["text_checkpoint"])
-        if not p.exists():
-            raise ConfigError("eval.text_checkpoint", f"{p} not found (a full open_clip CLIP checkpoint for the text tower)")
-        _check_full_clip(p)
+        if not light:
+            if not p.exists():
+                raise ConfigError("eval.text_checkpoint", f"{p} not found (a full open_clip CLIP checkpoint for the text tower)")
+            _check_full_clip(p)
         values["text_checkpoint"] = p
     model_cfg = None
     if "model" in data:
-        values["model"], model_cfg = _model(evaluator, _str("eval.model", data["model"]), root)
+        model = _str("eval.model", data["model"])
+        values["model"], model_cfg = (model, None) if light else _model(evaluator, model, root)
 
     tasks_in = data.get("tasks", [])
     if not isinstance(tasks_in, list) or not all(isinstance(t, dict) for t in tasks_in):
@@ -185,13 +192,13 @@ def parse_eval(data: dict | None, root: Path, base: Path | None = None) -> EvalS
         raise ConfigError("eval.model", f"required by evaluator {evaluator!r}: {what}")
     if evaluator == "plugin" and not values.get("plugin"):
         raise ConfigError("eval.plugin", "required by evaluator 'plugin': 'module:function'")
-    if evaluator in ("clip_zeroshot", "heads"):
+    if evaluator in ("clip_zeroshot", "heads") and not light:
         _check_base(evaluator, base, "text_checkpoint" in values)
 
     tasks = []
     names: set[str] = set()
     for i, t in enumerate(tasks_in):
-        task = _task(t, i, root, evaluator, model_cfg)
+        task = _task(t, i, root, evaluator, model_cfg, light)
         if task.name in names:
             raise ConfigError(f"eval.tasks[{i}].name", f"task name {task.name!r} is used twice")
         names.add(task.name)
@@ -263,9 +270,7 @@ def _check_base(evaluator: str, base: Path | None, has_text_checkpoint: bool) ->
         )
 
 
-def _task(t: dict, i: int, root: Path, evaluator: str, model_cfg: dict | None):
-    from mergewatch.eval import data as evdata
-
+def _task(t: dict, i: int, root: Path, evaluator: str, model_cfg: dict | None, light: bool = False):
     prefix = f"eval.tasks[{i}]"
     for k in t:
         if k not in TASK_KEYS:
@@ -277,6 +282,11 @@ def _task(t: dict, i: int, root: Path, evaluator: str, model_cfg: dict | None):
     if not name.strip() or name != name.strip():
         raise ConfigError(f"{prefix}.name", f"a task name must be non-empty without surrounding spaces, got {name!r}")
     data = root / _str(f"{prefix}.data", t["data"])
+    held_out = _bool(f"{prefix}.held_out", t["held_out"]) if "held_out" in t else False
+    if light:  # the task as written; its data, classes and head are not opened
+        return TaskSettings(name, data, _str(f"{prefix}.format", t["format"]) if "format" in t else "", held_out=held_out)
+    from mergewatch.eval import data as evdata
+
     detected = evdata.detect_format(data)
     if "format" in t:
         fmt = _str(f"{prefix}.format", t["format"])
@@ -306,7 +316,6 @@ def _task(t: dict, i: int, root: Path, evaluator: str, model_cfg: dict | None):
         templates = tuple(tl)
     else:
         templates = TEXT_TEMPLATES if text_task else IMAGE_TEMPLATES
-    held_out = _bool(f"{prefix}.held_out", t["held_out"]) if "held_out" in t else False
     head = None
     if "head" in t:
         if evaluator not in ("heads", "plugin"):

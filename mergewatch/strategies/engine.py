@@ -35,6 +35,7 @@ from mergewatch.checkpoint.validate import all_finite
 from mergewatch.checkpoint.roles import RoleTable, num_blocks
 from mergewatch.checkpoint.writer import CheckpointWriter, TensorSpec
 from mergewatch.errors import MergewatchError
+from mergewatch.numeric import DEFAULT_THREADS, pinned_threads, release_freed_memory
 from mergewatch.strategies.base import (
     VIEWS,
     ModelInfo,
@@ -88,18 +89,22 @@ def run_step(
     *,
     shard_bytes: int | None = None,
     progress: Progress | None = None,
+    threads: int = DEFAULT_THREADS,
 ) -> StepResult:
     """Run one step of ``strategy`` writing into ``out_dir`` (an empty staging directory).
 
     ``experts`` are the buffered experts oldest first, the new expert θ_t last (only θ_t unless the
-    strategy's buffer need is ALL). ``prev_sets`` are the previous step's state sets.
+    strategy's buffer need is ALL). ``prev_sets`` are the previous step's state sets. The passes
+    run with exactly ``threads`` intra-op threads (``mergewatch.numeric``: the bits must not depend
+    on the calling process's thread count).
     """
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     passes = list(strategy.passes(ctx))
     state_sets = tuple(strategy.state_sets(ctx.t))
     views = strategy.view_sources(ctx)
-    written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, experts, prev_sets, out_dir, shard_bytes, progress)
+    with pinned_threads(threads):
+        written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, experts, prev_sets, out_dir, shard_bytes, progress)
     for s in state_sets:
         if s not in written:
             raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
@@ -144,10 +149,12 @@ def run_prepare(
     *,
     shard_bytes: int | None = None,
     progress: Progress | None = None,
+    threads: int = DEFAULT_THREADS,
 ) -> PrepareResult:
     """Compute ``strategy.prepared_sets(ctx.t)`` from the committed ``sets`` of step ``ctx.t`` into
     ``out_dir`` (an empty staging directory; base.py, "Prepared sets"). No expert is read and no
-    view is written."""
+    view is written. Threads are pinned as in ``run_step`` (the next step must see the very factors
+    it would have computed itself)."""
     t0 = time.monotonic()
     out_dir = Path(out_dir)
     wanted = tuple(strategy.prepared_sets(ctx.t))
@@ -157,7 +164,8 @@ def run_prepare(
     for p in passes:
         if any(sink in VIEWS for sink in p.writes):
             raise StrategyError(f"{strategy.name}/{p.name}: a prepare pass cannot write a view")
-    written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, [], sets, out_dir, shard_bytes, progress)
+    with pinned_threads(threads):
+        written, hashes, bytes_written = _run_passes(strategy, passes, ctx, base, [], sets, out_dir, shard_bytes, progress)
     missing = [s for s in wanted if s not in written]
     if missing:
         raise StrategyError(f"{strategy.name}: prepared set(s) {missing} were never written")
@@ -294,29 +302,6 @@ def _run_passes(
             ctx.scalars.update(p.reduce_fn(totals, ctx))
         release_freed_memory()
     return written, hashes, bytes_written
-
-
-def _load_malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or a no-op elsewhere (musl, macOS)."""
-    try:
-        import ctypes
-        import ctypes.util
-
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return lambda: trim(0)
-
-
-#: Hand heap memory freed during a pass back to the kernel when the pass ends. glibc serves tensors
-#: below its dynamic mmap threshold (which rises up to 32 MiB as large blocks are freed) from the
-#: heap and keeps freed chunks there, so without this a long-running daemon kept a step's
-#: fragmented heap after the step (TIES on the ViT-B/32 vision tower: ~190 MiB private memory left
-#: behind after a step whose live tensors never exceeded ~120 MiB). Trimming once per pass (not
-#: per tensor) keeps heap reuse inside the pass, which avoids re-faulting fresh pages per tensor.
-release_freed_memory = _load_malloc_trim()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ from mergewatch.strategies.nino import (
     load_nino_mlp,
     metamerge_tensor,
 )
-from mergewatch.strategies.engine import release_freed_memory
+from mergewatch.numeric import release_freed_memory
 from mergewatch.strategies.nino_gnn import (
     DEFAULT_CHUNK_EDGES,
     LpeStore,

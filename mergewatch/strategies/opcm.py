@@ -135,7 +135,26 @@ def svd_factors(delta: torch.Tensor) -> SVDFactors | None:
     vh = vh.to(torch.float32)
     s = s.to(torch.float32)
     # the factors of Δᵀ = V Σ Uᵀ for a wide Δ: swap and transpose back
-    return SVDFactors(u, s, vh) if m >= n else SVDFactors(vh.T.contiguous(), s, u.T.contiguous())
+    return canonical(u, s, vh) if m >= n else canonical(vh.T, s, u.T)
+
+
+def canonical(u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> SVDFactors:
+    """The one memory layout in which ``project_with`` ever sees factors: row-major, freshly
+    allocated float32 tensors. LAPACK hands back column-major U and Vᵀ, while factors read back
+    from the prepared sets are row-major; the BLAS products of ``project_with`` pick different
+    kernels (and, with several threads, different partial sums) for the two layouts, so a step
+    with prepared factors rounded differently from one that decomposed S itself. Both paths go
+    through here, so they run the very same products (``tests/test_determinism.py``)."""
+    return SVDFactors(*(_own_row_major(x) for x in (u, sigma, vh)))
+
+
+def _own_row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 in a row-major buffer of its own (a slice of a stack is copied: its start
+    need not have the allocator's alignment, which BLAS kernels are also sensitive to)."""
+    x = x.to(torch.float32)
+    if x.is_contiguous() and x.storage_offset() == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 #: the prepared sets holding the factors of every linear map of S_t (row blocks stacked)
@@ -181,10 +200,7 @@ def unstack_factors(stored: Mapping[str, torch.Tensor], role: TensorRole, shape:
         if not bool(sigma.any()):
             out.append(None)
             continue
-        u, vh = stored["svd_u"][i * rows:(i + 1) * rows], stored["svd_vh"][i * p:(i + 1) * p]
-        if b > 1:  # blocks of a stack: fresh copies, so that the products see operands laid out
-            u, vh = u.clone(), vh.clone()  # (and aligned) like ``svd_factors``' own, or BLAS may round differently
-        out.append(SVDFactors(u, sigma, vh))
+        out.append(canonical(stored["svd_u"][i * rows:(i + 1) * rows], sigma, stored["svd_vh"][i * p:(i + 1) * p]))
     return out
 
 

@@ -24,15 +24,11 @@ from pathlib import Path
 
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.writer import atomic_directory, clear_staging, fsync_path
-from mergewatch.errors import CheckpointError, MergewatchError
+from mergewatch.errors import CheckpointError
+from mergewatch.state_records import STATE_FORMAT, StateError, committed_steps, read_record
 
-STATE_FORMAT = 1
 #: sub-directory of ``state/<t>/`` with the sets prepared ahead for step t+1 (a cache, base.py)
 PREPARED = "prepared"
-
-
-class StateError(MergewatchError):
-    pass
 
 
 @dataclass
@@ -83,25 +79,14 @@ class StateStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def steps(self) -> list[int]:
-        out = []
-        for p in self.root.iterdir():
-            if p.name.isdigit() and (p / "state.json").is_file():
-                out.append(int(p.name))
-        return sorted(out)
+        return committed_steps(self.root)
 
     def latest(self) -> StateSnapshot | None:
         steps = self.steps()
         return self.load(steps[-1]) if steps else None
 
     def load(self, t: int) -> StateSnapshot:
-        d = self.root / str(t)
-        try:
-            record = json.loads((d / "state.json").read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise StateError(f"cannot read committed state {d}: {e}") from e
-        if record.get("format") != STATE_FORMAT or record.get("t") != t:
-            raise StateError(f"{d}/state.json: unexpected format or step ({record.get('format')}, {record.get('t')})")
-        return StateSnapshot(t, d, record)
+        return StateSnapshot(t, self.root / str(t), read_record(self.root, t))
 
     @contextlib.contextmanager
     def staging(self, t: int) -> Iterator[Path]:
