@@ -54,8 +54,8 @@ GOAL_SPEEDUP = 4.0
 def worker_ours(args: dict, meter) -> dict:
     from mergewatch.checkpoint.reader import LazyCheckpoint
     from mergewatch.checkpoint.roles import resolve_table
+    from mergewatch.engine import build_model_info, run_step
     from mergewatch.strategies.base import StepContext
-    from mergewatch.strategies.engine import build_model_info, run_step
     from mergewatch.strategies.metamerge import MetaMerge
 
     out = Path(args["out"])
@@ -181,7 +181,9 @@ def worker_gnn_blocks(args: dict, meter) -> dict:
     through ``metamerge_graph`` exactly as the strategy does (eigenvectors computed, not cached)."""
     import torch
 
-    from mergewatch.strategies.nino_gnn import laplacian_pe, load_nino_gnn, vit_graphs, vit_spec
+    from mergewatch.nino.checkpoint import load_nino_gnn
+    from mergewatch.nino.eigenvectors import laplacian_pe
+    from mergewatch.nino.graph import vit_graphs, vit_spec
 
     shapes = vit_visual_shapes()
     spec = vit_spec(shapes)
@@ -197,7 +199,7 @@ def worker_gnn_blocks(args: dict, meter) -> dict:
             t0 = time.perf_counter()
             lpe = laplacian_pe(graph)
             t1 = time.perf_counter()
-            from mergewatch.strategies.nino_gnn import metamerge_graph
+            from mergewatch.nino.gnn import metamerge_graph
 
             res = metamerge_graph(net, graph, base, experts, lpe, horizons=tuple(range(1, args["horizons"] + 1)))
             t2 = time.perf_counter()

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from mergewatch import __version__
+from mergewatch.checkpoint.durable import atomic_write
 from mergewatch.errors import CheckpointError, ConfigError, IncompatibleExpertError, MergewatchError, SidecarError, rejection
+from mergewatch.views import VIEWS
 
 
 class Progress:
@@ -77,32 +79,34 @@ def _sidecar_meta(path: Path) -> dict:
 
 
 class BatchEval:
-    """Evaluation in ``mergewatch merge`` (and ``mergewatch eval``): inline, recorded in the ledger
-    like the daemon's, with a table row printed per step and the accuracy matrix written as JSON."""
+    """Evaluation in ``mergewatch merge`` (and ``mergewatch eval``): inline, booked in the ledger by
+    the evaluation book like the daemon's, with a table row printed per step and the accuracy
+    matrix written as JSON."""
 
-    def __init__(self, settings, ws, ledger, *, matrix_path: Path | None = None, stream=None):
+    def __init__(self, settings, ws, *, matrix_path: Path | None = None, stream=None):
         from mergewatch.eval.book import EvalBook
 
         self.settings = settings
         self.ws = ws
-        self.book = EvalBook(settings, ledger, ws.publishers)
+        self.book = EvalBook(settings, ws.ledger, ws.publishers)
         self.matrix_path = matrix_path or Path(settings.workspace) / "accuracy_matrix.json"
         self.stream = stream or sys.stdout
         self._header = False
 
-    def evaluate(self, job) -> tuple[dict, float]:
+    def evaluate(self, job, *, settle: bool = False) -> tuple[dict, float]:
         """Evaluate one job inline and record it (a failure is a failed evaluation row, the batch
-        goes on); returns the ledger row and the seconds it took."""
+        goes on), with the gate settled on it if ``settle``; returns the ledger row and the
+        seconds it took."""
         from mergewatch.eval.runner import try_evaluate
 
         ok, res, seconds = try_evaluate(self.settings, self.ws.table.name, job.path)
-        return self.book.record(job, ok, res), seconds
+        row = self.book.conclude(job, ok, res)[0] if settle else self.book.record(job, ok, res)
+        return row, seconds
 
     def run_pending(self, names: dict[int, str]) -> list[dict]:
         rows = []
         for job in self.book.pending():
-            row, seconds = self.evaluate(job)
-            self.book.settle(job, row)
+            row, seconds = self.evaluate(job, settle=True)
             self.print_row(job, row, names.get(job.step, "θ0" if job.step == 0 else ""), seconds)
             rows.append(row)
         self.write_matrix()
@@ -124,46 +128,12 @@ class BatchEval:
         print(f"{job.step:>4}  {job.version:>7}  {expert[:20]:<20}  {acc:>6}  {bwt:>7} (n={den})  {cells}{note}", file=self.stream)
 
     def write_matrix(self) -> None:
-        import os
-
         doc = self.book.matrix_document()
-        tmp = self.matrix_path.with_name(f".{self.matrix_path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=2), "utf-8")
-        os.replace(tmp, self.matrix_path)
-
-
-def _record_batch_step(ledger, path: Path, res, meta: dict) -> None:
-    """The batch CLI records what it merged in the ledger too (the report and status read it)."""
-    seq = ledger.add_drop(path.name, str(path), res.expert_id, meta)
-    ledger.set_status(seq, "merging", id=res.expert_id)
-    ledger.step_started(res.step, res.expert_id, seq)
-    ledger.step_done(res.step, merge_seconds=res.merge_seconds, versions=res.versions, contents={})
-    ledger.set_status(seq, "merged", step=res.step)
-
-
-def _reconcile_batch(ledger, ws) -> None:
-    """Record steps committed by an earlier batch run that stopped before writing its ledger rows."""
-    from mergewatch.workspace import publish_key
-
-    snap = ws.latest()
-    if snap is None:
-        return
-    known = {e.id for e in ledger.experts("merged")}
-    names = snap.record.get("expert_names", [])
-    for t, sha in enumerate(snap.expert_ids, 1):
-        if sha in known:
-            continue
-        name = names[t - 1] if t - 1 < len(names) else sha[:12]
-        versions = {v: pub.find(publish_key(snap.expert_ids, t)) for v, pub in ws.publishers.items()}
-        seq = ledger.add_drop(name, name, sha, {})
-        ledger.step_started(t, sha, seq)
-        ledger.step_done(t, merge_seconds=0.0, versions=versions, contents={})
-        ledger.set_status(seq, "merged", id=sha, step=t)
+        atomic_write(self.matrix_path, json.dumps(doc, indent=2))
 
 
 def cmd_merge(args) -> int:
     from mergewatch import config
-    from mergewatch.daemon.ledger import Ledger
     from mergewatch.workspace import Workspace
 
     settings = config.load(args.config)
@@ -173,10 +143,9 @@ def cmd_merge(args) -> int:
     progress = Progress(enabled=None if not args.quiet else False)
     ws = Workspace(settings, progress=progress)
     ws.recover()
-    ledger = Ledger(ws.root / "ledger.sqlite")
-    _reconcile_batch(ledger, ws)
-    evals = BatchEval(settings, ws, ledger, matrix_path=Path(args.matrix) if args.matrix else None) if settings.eval is not None else None
-    names = {e.step: e.name for e in ledger.experts("merged") if e.step}
+    ws.reconcile()  # steps an earlier run committed but stopped before recording
+    evals = BatchEval(settings, ws, matrix_path=Path(args.matrix) if args.matrix else None) if settings.eval is not None else None
+    names = {e.step: e.name for e in ws.ledger.experts("merged") if e.step}
     failed = 0
     out = []
     try:
@@ -185,8 +154,7 @@ def cmd_merge(args) -> int:
         for i, path in enumerate(experts, 1):
             print(f"[{i}/{len(experts)}] {path}", file=sys.stderr) if progress.enabled else None
             try:
-                meta = _sidecar_meta(path)
-                res = ws.merge(path)
+                res = ws.record_merge(path, _sidecar_meta(path))
             except (CheckpointError, IncompatibleExpertError, SidecarError) as e:
                 failed += 1
                 klass, full, problems = rejection(e)
@@ -196,7 +164,6 @@ def cmd_merge(args) -> int:
             if res.status == "duplicate":
                 print(f"duplicate {path}: expert {res.expert_id[:12]} is already merged; skipped")
             else:
-                _record_batch_step(ledger, path, res, meta)
                 names[res.step] = path.name
                 views = ", ".join(
                     f"{v} v{n} -> {ws.publishers[v].root / str(n)}" if n is not None else f"{v} unchanged"
@@ -208,7 +175,7 @@ def cmd_merge(args) -> int:
                     evals.run_pending(names)
             out.append({"path": str(path), "status": res.status, "id": res.expert_id, "step": res.step, "versions": res.versions})
     finally:
-        ledger.close()
+        ws.close()
     if evals is not None:
         print(f"accuracy matrix: {evals.matrix_path}")
     if args.json:
@@ -219,7 +186,6 @@ def cmd_merge(args) -> int:
 def cmd_eval(args) -> int:
     """Evaluate one published deploy version now (default: current) and record it."""
     from mergewatch import config
-    from mergewatch.daemon.ledger import Ledger
     from mergewatch.eval.book import EvalJob
     from mergewatch.workspace import Workspace
 
@@ -231,9 +197,8 @@ def cmd_eval(args) -> int:
     version = args.version if args.version is not None else pub.current()
     if version is None or version not in pub.versions():
         raise ConfigError("VERSION", f"deploy version {version} is not published (have {pub.versions()})")
-    ledger = Ledger(ws.root / "ledger.sqlite")
     try:
-        evals = BatchEval(settings, ws, ledger)
+        evals = BatchEval(settings, ws)
         manifest = pub.manifest(version)
         step = manifest.get("step", 0)
         job = EvalJob("deploy", version, step, str(pub.path(version)))
@@ -243,29 +208,37 @@ def cmd_eval(args) -> int:
         if args.json:
             print(json.dumps(row, indent=2))
     finally:
-        ledger.close()
+        ws.close()
     return 0 if row["status"] == "ok" else 1
 
 
 def cmd_promote(args) -> int:
     """Operator override of the deploy gate: make a published version current."""
     from mergewatch import config
-    from mergewatch.daemon.ledger import Ledger
     from mergewatch.deploy.publisher import Publisher
 
     settings = config.load(args.config, light=True)
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     before = pub.current()
     pub.promote(args.version)
-    ledger_path = Path(settings.workspace) / "ledger.sqlite"
-    if ledger_path.is_file():
-        led = Ledger(ledger_path)
-        try:
-            led.record_event("promoted", version=args.version, data={"view": args.view, "by": "operator", "from": before, "reason": args.reason})
-        finally:
-            led.close()
+    _record(settings, lambda led: led.record_event(
+        "promoted", version=args.version, data={"view": args.view, "by": "operator", "from": before, "reason": args.reason}))
     print(f"{args.view}: version {args.version} is now current (was {before})")
     return 0
+
+
+def _record(settings, write) -> None:
+    """``write(ledger)`` in the workspace's ledger, if it has one: the ledger is the record of what
+    happened, an operator's promotions and rollbacks included (light verbs: no workspace opened)."""
+    from mergewatch.ledger import Ledger
+
+    path = Path(settings.workspace) / "ledger.sqlite"
+    if path.is_file():
+        led = Ledger(path)
+        try:
+            write(led)
+        finally:
+            led.close()
 
 
 def cmd_report(args) -> int:
@@ -282,23 +255,22 @@ def cmd_report(args) -> int:
 def status_data(settings) -> dict:
     """Queue, experts with their statuses and reasons, last steps, current versions (DESIGN §3.6).
 
-    The ledger is the source of truth when the daemon has run; a workspace used only by the batch
-    CLI has none, and its committed state says what was merged."""
-    from mergewatch.daemon.ledger import Ledger
+    The ledger is the source of truth, read in one snapshot (``Ledger.snapshot``); a workspace
+    without one (nothing recorded yet) has its committed state say what was merged."""
+    from mergewatch.ledger import Ledger
     from mergewatch.deploy.publisher import Publisher
     from mergewatch.state_records import latest_record
 
     root = Path(settings.workspace)
     data: dict = {"workspace": str(root), "policy": {"init": settings.policy.init, "deploy": settings.policy.deploy}}
-    for view in ("deploy", "init"):
-        pub = Publisher(root / view, keep=settings.publish.keep)
+    pubs = {view: Publisher(root / view, keep=settings.publish.keep) for view in VIEWS}
+    for view, pub in pubs.items():
         data[view] = {"current": pub.current(), "versions": pub.versions()}
     latest = latest_record(root / "state")
     data["step"] = latest[0] if latest else 0
     ledger_path = root / "ledger.sqlite"
     if ledger_path.is_file():
-        led = Ledger(ledger_path, readonly=True)
-        try:
+        with Ledger.snapshot(ledger_path) as led:  # one consistent state, even while the daemon writes
             data["queue"] = led.queue_depth()
             data["counts"] = led.counts()
             data["experts"] = [e.public() for e in led.experts()]
@@ -306,7 +278,6 @@ def status_data(settings) -> dict:
             if settings.eval is not None:
                 from mergewatch.eval.book import EvalBook
 
-                pubs = {v: Publisher(root / v, keep=settings.publish.keep) for v in ("deploy", "init")}
                 book = EvalBook(settings, led, pubs)
                 data["eval"] = book.status()
                 data["gate"] = {
@@ -314,8 +285,6 @@ def status_data(settings) -> dict:
                     "held_back": book.held_back(),
                     "waiting_for_evaluation": book.waiting(),
                 }
-        finally:
-            led.close()
     else:
         experts = []
         if latest is not None:
@@ -339,7 +308,7 @@ def cmd_status(args) -> int:
     print(f"workspace {data['workspace']}  policy init={data['policy']['init']} deploy={data['policy']['deploy']}  step {data['step']}")
     if not Path(data["workspace"]).is_dir():
         print("  the workspace does not exist yet: `mergewatch run` or `mergewatch merge` creates it")
-    for view in ("deploy", "init"):
+    for view in VIEWS:
         current, versions = data[view]["current"], data[view]["versions"]
         if current is None and not versions:
             print(f"  {view}: no version published yet")
@@ -379,15 +348,7 @@ def cmd_rollback(args) -> int:
     settings = config.load(args.config, light=True)
     pub = Publisher(Path(settings.workspace) / args.view, keep=settings.publish.keep)
     new = pub.rollback(args.version, reason=args.reason)
-    ledger_path = Path(settings.workspace) / "ledger.sqlite"
-    if ledger_path.is_file():  # the ledger is the record of what happened, rollbacks included
-        from mergewatch.daemon.ledger import Ledger
-
-        led = Ledger(ledger_path)
-        try:
-            led.record_version(args.view, new, pub.manifest(new).get("step", 0), note=f"rollback of {args.version}: {args.reason}")
-        finally:
-            led.close()
+    _record(settings, lambda led: led.record_version(args.view, new, pub.manifest(new).get("step", 0), note=f"rollback of {args.version}: {args.reason}"))
     print(f"{args.view}: version {args.version} republished as {new} (now current)")
     return 0
 
@@ -419,7 +380,7 @@ def cmd_submit(args) -> int:
 def cmd_demo(args) -> int:
     from mergewatch.demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts)
+    return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts, cli_main=main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="make a published version current (overrides the deploy gate)")
     pr.add_argument("--config", required=True)
     pr.add_argument("version", type=int)
-    pr.add_argument("--view", choices=("deploy", "init"), default="deploy")
+    pr.add_argument("--view", choices=VIEWS, default="deploy")
     pr.add_argument("--reason", default="operator promote")
     pr.set_defaults(func=cmd_promote)
 
@@ -461,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rollback", help="republish an old version as a new, current one")
     r.add_argument("--config", required=True)
     r.add_argument("version", type=int)
-    r.add_argument("--view", choices=("deploy", "init"), default="deploy")
+    r.add_argument("--view", choices=VIEWS, default="deploy")
     r.add_argument("--reason", default="operator rollback")
     r.set_defaults(func=cmd_rollback)
 

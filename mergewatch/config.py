@@ -2,8 +2,11 @@
 
 Every key is known: an unknown key, a wrong type or an out-of-range value is a ``ConfigError`` whose
 ``key`` is the dotted path of the option and whose message says what is allowed. Defaults live here
-and only here (the dataclass fields). Strategy and technique hyper-parameters are validated by
-building the objects they configure, so a bad value is found at load time, never mid-merge.
+and only here (the dataclass fields), except the hyper-parameters of strategies, techniques, LiNeS
+and Weight Weaving: those are declared once beside the code that uses them (``Param``,
+``mergewatch.params``), and their kinds, paths, defaults, ranges, choices and README tables
+(``policy_reference``) all come from those declarations. Their ranges are checked by building the
+objects they configure, so a bad value is found at load time, never mid-merge.
 
 Policy keys (SPEC §1–§3): ``[policy]`` holds ``init``, ``deploy``, ``technique`` and the policy's
 own hyper-parameters (``w``, ``ema_seed``, ``lambda``, ``weights``, ``include_base``); technique
@@ -20,7 +23,6 @@ other key is checked as usual. Such settings must never be given to the merge en
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 from mergewatch.errors import ConfigError
 from mergewatch.numeric import DEFAULT_THREADS
+from mergewatch.params import ENABLED, Param, ParamError, by_name, coerce, inside, interval, markdown_table
 
 
 @dataclass(frozen=True)
@@ -113,29 +116,10 @@ class Settings:
 # Typed value checks -----------------------------------------------------------------------------
 
 def _check_type(key: str, value: Any, kind: type) -> Any:
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(key, f"expected a finite number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    if kind is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return value
-    raise AssertionError(kind)
+    try:
+        return coerce(value, kind)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 _FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple": list}
@@ -164,135 +148,164 @@ def _choice(key: str, value: Any, allowed) -> str:
 
 
 def _range(key: str, value: float, lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False) -> float:
-    bad = (lo is not None and (value < lo or (lo_open and value == lo))) or (
-        hi is not None and (value > hi or (hi_open and value == hi))
-    )
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ConfigError(key, f"{value} is out of range {lb}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{rb}")
+    if not inside(value, lo, hi, lo_open, hi_open):
+        raise ConfigError(key, f"{value} is out of range {interval(lo, hi, lo_open, hi_open)}")
     return value
 
 
 # Policy ----------------------------------------------------------------------------------------
+# Every key below [policy] is a declared parameter (mergewatch.params): of the TIME policy, its
+# technique, LiNeS, Weight Weaving or a method. Here: where each may be written, its kind, paths,
+# and the TIME rules across keys; ranges and choices are checked by building the strategy.
 
-#: method hyper-parameters that are file paths (resolved relative to the config file)
-PATH_PARAMS = ("checkpoint", "lpe", "lpe_cache")
-TIME_KEYS = {"w": float, "ema_seed": str, "lambda": float, "weights": str, "include_base": bool}
-LINES_KEYS = {"alpha": float, "beta": float, "variant": str, "enabled": bool}
-WEAVING_KEYS = {"pool": str, "include_deltas": bool, "lambdas": list, "enabled": bool}
+def _selectors() -> tuple[Param, ...]:
+    """[policy]'s ``init``, ``deploy`` and ``technique`` (defaults: ``PolicySettings``)."""
+    from mergewatch.strategies import METHODS, TECHNIQUES
+    from mergewatch.strategies.time_policy import DEPLOYS, INITS
+
+    d = PolicySettings()
+    return (
+        Param("init", str, d.init, "what the next expert is fine-tuned from (the init view): θ0, the latest expert, the EMA or the ALL merge", choices=INITS),
+        Param("deploy", str, d.deploy, "what is served: a TIME merge (ft, ema, all) or a method of its own", choices=(*DEPLOYS, *METHODS)),
+        Param("technique", str, d.technique, "f_merge of the TIME merges (ema, all)", choices=tuple(TECHNIQUES)),
+    )
+
+
+def _written(where: str, table: dict, declared, root: Path | None, owner: str, extra: tuple[str, ...] = ()) -> dict:
+    """The values written in ``table`` (at ``where``) of ``declared`` parameters, each of its kind,
+    a path resolved against ``root`` (the config's folder). An unknown name or a wrong kind is named
+    by the key where it is written; ranges are checked by ``_build_check``."""
+    known = by_name(declared)
+    out = {}
+    for k, v in table.items():
+        if k not in known:
+            raise ConfigError(f"{where}.{k}", f"unknown key{owner}; allowed: {', '.join((*extra, *known)) or 'none'}")
+        try:
+            out[k] = known[k].coerce(v, where)
+        except ParamError as e:
+            raise ConfigError(f"{where}.{e.key(k)}", str(e)) from e
+        if known[k].path and out[k] and root is not None:
+            out[k] = str(root / out[k])  # relative to the config file, like every path
+    return out
 
 
 def _policy(data: Any, root: Path | None = None) -> PolicySettings:
-    from mergewatch.strategies import METHODS, method_defaults
-    from mergewatch.strategies.techniques import TECHNIQUES, recency_weights
-    from mergewatch.strategies.time_policy import DEPLOYS, EMA_SEEDS, INITS, valid_combination
+    from mergewatch.strategies import METHODS, TECHNIQUES, TimePolicy
+    from mergewatch.strategies.techniques import LINES_PARAMS
+    from mergewatch.strategies.time_policy import valid_combination
+    from mergewatch.strategies.weaving import WeightWeaving
 
     if not isinstance(data, dict):
         raise ConfigError("policy", "expected a table")
     data = dict(data)
-    init = _choice("policy.init", data.pop("init", "zs"), INITS)
-    deploy = _choice("policy.deploy", data.pop("deploy", "ema"), (*DEPLOYS, *METHODS))
     technique_given = "technique" in data
-    technique = _choice("policy.technique", data.pop("technique", "wa"), tuple(TECHNIQUES))
+    init, deploy, technique = (_declared(f"policy.{p.name}", p, data.pop(p.name, p.default)) for p in _selectors())
     tables = {k: data.pop(k) for k in list(data) if isinstance(data[k], dict)}
 
     if deploy in METHODS:
-        if init != "zs":
+        method = METHODS[deploy]
+        if method.requires_zs_init and init != "zs":
             raise ConfigError("policy.init", f"deploy {deploy!r} merges experts fine-tuned from the base: init must be 'zs'")
         if technique_given:
             raise ConfigError("policy.technique", f"a technique applies to deploy ft/ema/all only, not to {deploy!r}")
-        defaults = method_defaults(deploy)
-        params = {}
-        for where, table in (("policy", data), (f"policy.{deploy}", tables.pop(deploy, {}))):
-            for k, v in table.items():
-                if k not in defaults:
-                    raise ConfigError(f"{where}.{k}", f"unknown key for deploy {deploy!r}; allowed: {', '.join(defaults) or 'none'}")
-                params[k] = _typed_like(f"{where}.{k}", v, defaults[k])
-                if k in PATH_PARAMS and isinstance(params[k], str) and params[k] and root is not None:
-                    params[k] = str(root / params[k])  # relative to the config file, like every path
+        hint = f" for deploy {deploy!r}"
+        params = _written("policy", data, method.param_defs, root, hint)
+        params.update(_written(f"policy.{deploy}", tables.pop(deploy, {}), method.param_defs, root, hint))
         for k in tables:
             raise ConfigError(f"policy.{k}", f"unknown table for deploy {deploy!r}")
-        settings = PolicySettings(init=init, deploy=deploy, technique="", params=params)
-        _build_check(settings)
-        return settings
+        return _build_check(PolicySettings(init=init, deploy=deploy, technique="", params=params))
 
     if not valid_combination(init, deploy):
         raise ConfigError("policy.deploy", f"init {init!r} with deploy {deploy!r} is not a valid TIME combination (zs × ft is meaningless)")
-    tech_cls = TECHNIQUES[technique]
-    tdefaults = dict(tech_cls.defaults)
-    params: dict = {}
-    tparams: dict = {}
-    for k, v in data.items():
-        key = f"policy.{k}"
-        if k in TIME_KEYS:
-            params[k] = _check_type(key, v, TIME_KEYS[k])
-        elif k in tdefaults:
-            tparams[k] = _typed_like(key, v, tdefaults[k])
-        else:
-            allowed = sorted({*TIME_KEYS, *tdefaults, "init", "deploy", "technique"})
-            raise ConfigError(key, f"unknown key for technique {technique!r}; allowed: {', '.join(allowed)}")
+    tech = TECHNIQUES[technique]
+    # [policy] holds the TIME parameters and the technique's; [policy.<technique>] the latter too
+    written = _written("policy", data, (*TimePolicy.param_defs, *tech.param_defs), root, f" for technique {technique!r}", ("init", "deploy", "technique"))
+    params = {k: v for k, v in written.items() if k in TimePolicy.defaults}
+    tparams = {k: v for k, v in written.items() if k not in TimePolicy.defaults}
     lines = weaving = None
     for name, table in tables.items():
         if name == technique:
-            for k, v in table.items():
-                if k not in tdefaults:
-                    raise ConfigError(f"policy.{name}.{k}", f"unknown parameter of {technique!r}; allowed: {', '.join(tdefaults) or 'none'}")
-                tparams[k] = _typed_like(f"policy.{name}.{k}", v, tdefaults[k])
+            tparams.update(_written(f"policy.{name}", table, tech.param_defs, root, f" of technique {technique!r}"))
         elif name == "lines":
-            lines = _subtable("policy.lines", table, LINES_KEYS)
+            lines = _written("policy.lines", table, (*LINES_PARAMS, ENABLED), root, "")
         elif name == "weaving":
-            weaving = _subtable("policy.weaving", table, WEAVING_KEYS)
+            weaving = _written("policy.weaving", table, (*WeightWeaving.param_defs, ENABLED), root, "")
         else:
             raise ConfigError(f"policy.{name}", f"unknown table; allowed: [policy.{technique}], [policy.lines], [policy.weaving]")
-    if "w" in params:
-        _range("policy.w", params["w"], 0.0, 1.0)
-    if "lambda" in params:
-        _range("policy.lambda", params["lambda"], 0.0)
-    if "ema_seed" in params:
-        _choice("policy.ema_seed", params["ema_seed"], EMA_SEEDS)
-    if "weights" in params:
-        try:
-            recency_weights(3, params["weights"])
-        except ValueError as e:
-            raise ConfigError("policy.weights", str(e)) from e
-        if params["weights"] != "uniform" and technique != "wa":
-            raise ConfigError("policy.weights", "recency weights apply to technique 'wa' only")
-    if params.get("include_base") and "all" not in (init, deploy):
-        raise ConfigError("policy.include_base", "include_base applies to the 'all' merge only")
-    uses_ema = "ema" in (init, deploy)
-    for k in ("w", "ema_seed"):
-        if k in params and not uses_ema:
-            raise ConfigError(f"policy.{k}", f"'{k}' applies to the EMA merge, but neither init nor deploy is 'ema'")
     if lines is not None and not lines.pop("enabled", True):
         lines = None
     if weaving is not None and not weaving.pop("enabled", True):
         weaving = None
-    if lines is not None:
-        if not tech_cls.lambda_scaled:
-            raise ConfigError("policy.lines", f"LiNeS replaces λ and needs a λ-scaled technique, not {technique!r}")
-        for k in ("alpha", "beta"):
-            if k in lines:
-                _range(f"policy.lines.{k}", lines[k], 0.0)
-        if "variant" in lines:
-            _choice("policy.lines.variant", lines["variant"], ("linear", "quadratic", "sqrt"))
+    _time_rules(init, deploy, tech, params, lines, weaving)
+    return _build_check(PolicySettings(init, deploy, technique, params, tparams, lines, weaving))
+
+
+def _time_rules(init: str, deploy: str, tech, params: dict, lines: dict | None, weaving: dict | None) -> None:
+    """What a TIME key needs of the other keys (SPEC §1, §2)."""
+    if params.get("weights", "uniform") != "uniform" and tech.name != "wa":
+        raise ConfigError("policy.weights", "recency weights apply to technique 'wa' only")
+    if params.get("include_base") and "all" not in (init, deploy):
+        raise ConfigError("policy.include_base", "include_base applies to the 'all' merge only")
+    for k in ("w", "ema_seed"):
+        if k in params and "ema" not in (init, deploy):
+            raise ConfigError(f"policy.{k}", f"'{k}' applies to the EMA merge, but neither init nor deploy is 'ema'")
+    if lines is not None and not tech.lambda_scaled:
+        raise ConfigError("policy.lines", f"LiNeS replaces λ and needs a λ-scaled technique, not {tech.name!r}")
     if weaving is not None:
-        if not tech_cls.lambda_scaled:
-            raise ConfigError("policy.weaving", f"Weight Weaving pools over λ and needs a λ-scaled technique, not {technique!r}")
+        if not tech.lambda_scaled:
+            raise ConfigError("policy.weaving", f"Weight Weaving pools over λ and needs a λ-scaled technique, not {tech.name!r}")
         if "all" not in (init, deploy):
             raise ConfigError("policy.weaving", "Weight Weaving is used with the 'all' merge (init or deploy 'all')")
         if lines is not None:
             raise ConfigError("policy.weaving", "Weight Weaving and LiNeS both replace λ; choose one")
-        if "pool" in weaving:
-            _choice("policy.weaving.pool", weaving["pool"], ("avg", "random", "magmax"))
-        if "lambdas" in weaving:
-            lams = weaving["lambdas"]
-            if not lams:
-                raise ConfigError("policy.weaving.lambdas", "needs at least one value")
-            weaving["lambdas"] = [_range(f"policy.weaving.lambdas[{i}]", _check_type(f"policy.weaving.lambdas[{i}]", v, float), 0.0) for i, v in enumerate(lams)]
-    settings = PolicySettings(init, deploy, technique, params, tparams, lines, weaving)
-    _build_check(settings)
-    return settings
+
+
+def _build_check(policy: PolicySettings) -> PolicySettings:
+    """Build the strategy once, so that every range and choice is checked at load time. A
+    ``ParamError`` is reported at ``policy.<table>.<name>`` when that parameter is written (in
+    [policy] or its table), else at the table (e.g. a required ``checkpoint`` left out)."""
+    from mergewatch.strategies import TimePolicy, build_strategy
+
+    written = {
+        policy.deploy: policy.params,
+        TimePolicy.name: policy.params,
+        policy.technique: policy.technique_params,
+        "lines": policy.lines or {},
+        "weaving": policy.weaving or {},
+    }
+    try:
+        build_strategy(policy)
+    except ParamError as e:
+        table = "policy" if e.where == TimePolicy.name else f"policy.{e.where}"
+        hit = next((n for n in e.names if n in written.get(e.where, {})), None)
+        raise ConfigError(f"{table}.{e.key(hit)}" if hit else table, str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"policy.{policy.technique or policy.deploy}", str(e)) from e
+    return policy
+
+
+def _declared(key: str, param: Param, value: Any) -> Any:
+    """``value`` of a declared parameter written at ``key``, checked."""
+    try:
+        return param.check(value, "policy")
+    except ParamError as e:
+        raise ConfigError(key, str(e)) from e
+
+
+def policy_reference() -> str:
+    """The README's tables of the [policy] keys, from the declarations (``tests/test_params.py``
+    checks that the README holds exactly this; ``python -m mergewatch.config`` prints it)."""
+    from mergewatch.strategies import METHODS, TECHNIQUES, TimePolicy
+    from mergewatch.strategies.techniques import LINES_PARAMS
+    from mergewatch.strategies.weaving import WeightWeaving
+
+    parts = [("`[policy]`", (*_selectors(), *TimePolicy.param_defs))]
+    parts += [(f"`[policy.{n}]` or `[policy]`: technique `{n}`", c.param_defs) for n, c in TECHNIQUES.items() if c.param_defs]
+    parts += [("`[policy.lines]`: LiNeS", (*LINES_PARAMS, ENABLED)), ("`[policy.weaving]`: Weight Weaving", (*WeightWeaving.param_defs, ENABLED))]
+    parts += [(f"`[policy.{n}]` or `[policy]`: deploy `{n}`", c.param_defs) for n, c in METHODS.items() if c.param_defs]
+    bare = [f"technique `{n}`" for n, c in TECHNIQUES.items() if not c.param_defs] + [f"deploy `{n}`" for n, c in METHODS.items() if not c.param_defs]
+    tables = [f"**{title}**\n\n{markdown_table(defs)}" for title, defs in parts]
+    return "\n\n".join([*tables, "No parameters: " + ", ".join(bare) + "."])
 
 
 def _policy_as_written(data: Any) -> PolicySettings:
@@ -302,45 +315,6 @@ def _policy_as_written(data: Any) -> PolicySettings:
     defaults = PolicySettings()
     names = {k: _check_type(f"policy.{k}", data.get(k, getattr(defaults, k)), str) for k in ("init", "deploy", "technique")}
     return PolicySettings(**names)
-
-
-def _subtable(prefix: str, table: dict, keys: dict) -> dict:
-    out = {}
-    for k, v in table.items():
-        if k not in keys:
-            raise ConfigError(f"{prefix}.{k}", f"unknown key; allowed: {', '.join(keys)}")
-        out[k] = _check_type(f"{prefix}.{k}", v, keys[k])
-    return out
-
-
-def _typed_like(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        return _check_type(key, value, bool)
-    if isinstance(default, int) and not isinstance(default, bool):
-        return _check_type(key, value, int)
-    if isinstance(default, float):
-        return _check_type(key, value, float)
-    if isinstance(default, str):
-        return _check_type(key, value, str)
-    if isinstance(default, (list, tuple)):
-        return _check_type(key, value, list)
-    return value
-
-
-def _build_check(policy: PolicySettings) -> None:
-    """Build the strategy once so that every hyper-parameter range is checked at load time."""
-    from mergewatch.strategies import build_strategy
-
-    prefix = f"policy.{policy.technique or policy.deploy}"
-    try:
-        build_strategy(policy)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        msg = str(e)
-        names = {**policy.technique_params, **policy.params}
-        hit = next((k for k in names if f"'{k}'" in msg or f" {k} " in f" {msg} " or msg.startswith(f"{k}")), None)
-        raise ConfigError(f"{prefix}.{hit}" if hit else prefix, msg) from e
 
 
 def _companion_paths(model: ModelSettings, root: Path) -> ModelSettings:
@@ -439,3 +413,7 @@ def load(path: str | Path, *, light: bool = False) -> Settings:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError("<file>", f"{path} is not valid TOML: {e}") from e
     return parse(data, source=path.resolve(), light=light)
+
+
+if __name__ == "__main__":  # the README's parameter tables (policy_reference)
+    print(policy_reference())

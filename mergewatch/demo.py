@@ -61,9 +61,9 @@ keep = 5
 """
 
 
-def run_demo(workdir: Path | None = None, n_experts: int = 3) -> int:
-    from mergewatch.cli import main as cli_main
-
+def run_demo(workdir: Path | None = None, n_experts: int = 3, *, cli_main) -> int:
+    """Generate the demo's base, experts and config in ``workdir`` and merge them with ``cli_main``
+    (the CLI's ``main``, passed in by ``mergewatch demo``: the demo sits below the CLI)."""
     workdir = Path(workdir or "demo-workspace").resolve()
     if (workdir / "workspace").exists():
         import shutil

@@ -1,6 +1,6 @@
 """Reading the committed state records ``state/<t>/state.json`` with the standard library only.
 
-``mergewatch.strategies.state.StateStore`` reads its records through these functions; ``mergewatch
+``mergewatch.engine.state.StateStore`` reads its records through these functions; ``mergewatch
 status`` uses them directly, so that it never imports the strategies (and torch) (issue 14).
 """
 

@@ -7,6 +7,12 @@ idempotent from the committed state: re-opening a workspace after a crash finish
 newest committed step (publishing is keyed by step, so it never happens twice) and clears staging
 leftovers; an interrupted step simply has no committed state and is run again.
 
+The workspace also keeps a step's books: its ledger rows (``ledger.sqlite``, :mod:`mergewatch.ledger`)
+are written here only, ``step_started`` → ``step_done`` → ``merged`` in ``_record_step``, for the
+daemon's queued rows (``merge_row``: rows first, the step between them), for the batch CLI
+(``record_merge``: the step first, its rows after it) and for committed steps the ledger does not
+know yet (``reconcile``). The daemon and the CLI decide when, and print.
+
 Workspace layout (DESIGN §3.6): ``inbox/ store/ rejected/ state/ deploy/ init/ ledger.sqlite``.
 """
 
@@ -16,12 +22,14 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from mergewatch import __version__
 from mergewatch.buffer.store import ExpertStore
+from mergewatch.checkpoint.durable import atomic_write
 from mergewatch.checkpoint.hashing import content_sha256
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.roles import resolve_table
@@ -29,12 +37,13 @@ from mergewatch.checkpoint.validate import ExpertReport, check_expert
 from mergewatch.config import Settings
 from mergewatch.deploy.companions import Companions, discover
 from mergewatch.deploy.publisher import Publisher
-from mergewatch.errors import MergewatchError
+from mergewatch.engine import Progress, StateSnapshot, StateStore, build_model_info, run_prepare, run_step
+from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError, rejection
 from mergewatch.faults import crash_point
+from mergewatch.ledger import ExpertRow, Ledger
+from mergewatch.state_records import StateError
 from mergewatch.strategies import build_strategy
 from mergewatch.strategies.base import VIEWS, BufferNeed, StepContext
-from mergewatch.strategies.engine import Progress, build_model_info, run_prepare, run_step
-from mergewatch.strategies.state import StateError, StateSnapshot, StateStore
 
 
 class WorkspaceError(MergewatchError):
@@ -43,7 +52,9 @@ class WorkspaceError(MergewatchError):
 
 @dataclass
 class StepOutcome:
-    status: str  # "merged" | "duplicate"
+    #: "merged" | "duplicate" | "rejected" (``merge_row``: the row is marked rejected) |
+    #: "caught_up" (``merge_row``: committed before a crash, now published and marked merged)
+    status: str
     expert_id: str
     name: str
     step: int | None = None
@@ -54,6 +65,9 @@ class StepOutcome:
     #: the prepared sets of the previous state: "used", "none" (nothing prepared: computed in the
     #: step) or "unusable: <reason>" (ignored and removed; computed in the step)
     prepared: str = "none"
+    reason: str = ""  # a rejection's full reason, its class (errors.REJECT_CLASSES) and every problem
+    reason_class: str = ""
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +95,7 @@ class Workspace:
         m = settings.model
         self.companions = Companions(self.root / "companions", discover(Path(settings.base), m.companions, m.config))
         self._base_sha: str | None = None
+        self._ledger: Ledger | None = None
 
     @property
     def gated(self) -> bool:
@@ -103,9 +118,7 @@ class Workspace:
                 pass
             if self._base_sha is None:
                 self._base_sha = content_sha256(self.base)
-                tmp = cache.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"stamp": stamp, "content_sha256": self._base_sha}), "utf-8")
-                os.replace(tmp, cache)
+                atomic_write(cache, json.dumps({"stamp": stamp, "content_sha256": self._base_sha}))
         return self._base_sha
 
     def fingerprint(self) -> dict:
@@ -136,15 +149,24 @@ class Workspace:
         ckpt = LazyCheckpoint(path)
         return ckpt, check_expert(ckpt, self.base, self.settings.model.dtype_policy)
 
+    def check(self, path: str | os.PathLike) -> tuple[str, int | None]:
+        """Validate an expert (``validate``: raises CheckpointError/IncompatibleExpertError) and look it
+        up in the committed state, the truth about what is merged: ``(content id, the step that
+        merged the same content or None)``."""
+        _, report = self.validate(path)
+        sha = report.content_sha256
+        merged = self.merged_ids()
+        return sha, (merged.index(sha) + 1 if sha in merged else None)
+
     def merge(self, path: str | os.PathLike, *, name: str | None = None, move: bool = False) -> StepOutcome:
-        """Validate, store, merge and publish one expert."""
+        """Validate, store, merge and publish one expert (no ledger rows: ``record_merge``)."""
         path = Path(path)
         name = name or path.name
-        _, report = self.validate(path)
-        if report.content_sha256 in self.merged_ids():
-            return StepOutcome("duplicate", report.content_sha256, name)
-        self.store.claim(path, report.content_sha256, move=move)
-        return self.step(report.content_sha256, name)
+        sha, merged_at = self.check(path)
+        if merged_at is not None:
+            return StepOutcome("duplicate", sha, name)
+        self.store.claim(path, sha, move=move)
+        return self.step(sha, name)
 
     def step(self, expert_id: str, name: str) -> StepOutcome:
         """Merge a stored expert as the next step, commit, publish and apply retention."""
@@ -329,6 +351,118 @@ class Workspace:
             self.store.retain(need)
         for pub in self.publishers.values():
             pub.retain()
+
+    # Bookkeeping: the ledger -------------------------------------------------------------------
+    @property
+    def ledger(self) -> Ledger:
+        """The workspace's ledger, opened on first use (a workspace that only merges has none)."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.root / "ledger.sqlite")
+        return self._ledger
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def merge_row(self, row: ExpertRow, src: Path, *, sidecar: Path | None = None,
+                  started: Callable[[int], None] | None = None) -> StepOutcome:
+        """The daemon's step of a ``merging`` row (content id known), its rows around it: claim the
+        drop into the store (moved from ``src`` unless stored already; ``sidecar`` moved beside it)
+        → ``step_started`` → ``started(step)`` → :meth:`step` → ``step_done``, ``merged``, with the
+        crash points of faults.py between. A row committed before a crash is only published and
+        marked merged (``caught_up``); a drop neither stored nor in the inbox (``vanished``) or one
+        the strategy refuses (``step_failed``) is marked rejected with the full reason."""
+        sha = row.id
+        merged = self.merged_ids()
+        if sha in merged:  # committed before a crash: only the ledger is behind
+            step = merged.index(sha) + 1
+            self.publish(step)
+            self.ledger.set_status(row.seq, "merged", step=step)
+            return StepOutcome("caught_up", sha, row.name, step)
+        crash_point("before_claim")
+        if not self.store.has(sha):
+            if not src.exists():
+                return self.reject_row(row, "vanished", "lost: neither in the store nor in the inbox")
+            self.store.claim(src, sha, move=True)
+        if sidecar is not None:
+            self.store.keep_sidecar(sha, sidecar)  # moved beside the expert: a user's file is never deleted
+        crash_point("after_claim")
+        step = len(merged) + 1
+
+        def run() -> StepOutcome:
+            if started is not None:
+                started(step)
+            try:
+                return self.step(sha, row.name)
+            except (CheckpointError, IncompatibleExpertError) as e:
+                _, full, problems = rejection(e)
+                return self.reject_row(row, "step_failed", f"step failed: {full}", problems)
+
+        return self._record_step(row.seq, sha, step, run)
+
+    def record_merge(self, path: str | os.PathLike, meta: dict) -> StepOutcome:
+        """The batch CLI's step: :meth:`merge` (a copy of ``path`` is stored), then its rows. They
+        come after the step, so an interrupted batch leaves no row behind and never a ``merging``
+        row naming the user's file; ``reconcile`` records a committed step whose rows are missing."""
+        path = Path(path)
+        res = self.merge(path)
+        if res.status == "merged":
+            self._record_merged(res, str(path), meta)
+        return res
+
+    def reconcile(self) -> list[tuple[int, str, int]]:
+        """Bring the ledger up to the committed state: a ``merging`` row whose expert is committed
+        (a crash between the commit and the rows) is marked merged; a committed step that no row
+        knows (a batch run stopped before recording it) gets its rows. Returns ``(seq, expert id,
+        step)`` of every row marked or added."""
+        snap = self.latest()
+        if snap is None:
+            return []
+        merged = snap.expert_ids
+        out = []
+        for row in self.ledger.experts("merging"):
+            if row.id in merged:
+                step = merged.index(row.id) + 1
+                self.ledger.set_status(row.seq, "merged", step=step)
+                out.append((row.seq, row.id, step))
+        known = {e.id for e in self.ledger.experts("merged")}
+        names = snap.record.get("expert_names", [])
+        for t, sha in enumerate(merged, 1):
+            if sha not in known:
+                name = names[t - 1] if t - 1 < len(names) else sha[:12]
+                versions = {v: pub.find(publish_key(merged, t)) for v, pub in self.publishers.items()}
+                out.append((self._record_merged(StepOutcome("merged", sha, name, t, versions), name, {}), sha, t))
+        return out
+
+    def reject_row(self, row: ExpertRow, reason_class: str, reason: str, problems: list[str] | None = None) -> StepOutcome:
+        """Mark a row rejected, keeping the full reason, its class and every problem."""
+        problems = problems if problems is not None else [reason]
+        self.ledger.set_status(row.seq, "rejected", reason=reason, reason_class=reason_class, problems=problems)
+        return StepOutcome("rejected", row.id or "", row.name, reason=reason, reason_class=reason_class, problems=problems)
+
+    def _record_merged(self, outcome: StepOutcome, source: str, meta: dict) -> int:
+        """Rows for a step merged outside the queue (batch, reconcile): a new row → ``merging`` → the
+        step's rows; returns the row's ``seq``."""
+        seq = self.ledger.add_drop(outcome.name, source, outcome.expert_id, meta)
+        self.ledger.set_status(seq, "merging", id=outcome.expert_id)
+        self._record_step(seq, outcome.expert_id, outcome.step, lambda: outcome)
+        return seq
+
+    def _record_step(self, seq: int, expert_id: str, step: int, run: Callable[[], StepOutcome]) -> StepOutcome:
+        """The one place a step's rows are written: ``step_started`` → ``run()`` → (crash point
+        ``after_step``: published, the ledger not updated yet) → ``step_done`` with the versions
+        published and their contents → ``merged``."""
+        self.ledger.step_started(step, expert_id, seq)
+        outcome = run()
+        if outcome.status != "merged":
+            return outcome
+        crash_point("after_step")
+        versions = outcome.versions
+        contents = {v: self.publishers[v].manifest(n).get("content_sha256") for v, n in versions.items() if n is not None}
+        self.ledger.step_done(step, merge_seconds=outcome.merge_seconds, versions=versions, contents=contents)
+        self.ledger.set_status(seq, "merged", step=step)
+        return outcome
 
 
 def publish_key(expert_ids: list[str], t: int) -> str:

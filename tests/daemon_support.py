@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 
 REPO = Path(__file__).resolve().parent.parent
 

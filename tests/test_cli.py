@@ -78,7 +78,7 @@ def test_duplicate_and_rollback(tmp_path):
     assert run("merge", "--config", str(cfg), e1, str(tmp_path / "experts" / "x2.safetensors")).returncode == 0
     r = run("merge", "--config", str(cfg), e1)
     assert r.returncode == 0 and "duplicate" in r.stdout
-    from mergewatch.daemon.ledger import Ledger
+    from mergewatch.ledger import Ledger
 
     Ledger(tmp_path / "ws" / "ledger.sqlite").close()  # as the daemon leaves it
     r = run("rollback", "--config", str(cfg), "1")

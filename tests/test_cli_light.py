@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mergewatch.cli import main
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 from tests.eval_support import eval_toml, labelled_by_base, write_eval_clip, write_expert
 from tests.helpers import load_all, make_expert, make_open_clip_base
 

@@ -25,7 +25,7 @@ from mergewatch.strategies.continual import (
 )
 from mergewatch.strategies.techniques import TIES, MergeInputs
 from mergewatch.workspace import Workspace
-from tests.helpers import load_all, make_expert, make_open_clip_base, perturb, tiny_clip_state
+from tests.helpers import NINO, load_all, make_expert, make_open_clip_base, perturb, tiny_clip_state
 
 CLASSES = {
     "continual_wa": ContinualWeightAverage,
@@ -218,7 +218,18 @@ def test_wrong_resume_state_is_refused():
 
 
 # Every method: invariants and bit-identical replay ---------------------------------------------
-ALL_METHODS = ["opcm", "continual_wa", "continual_ta", "continual_ties", "continual_magmax"]
+#: every registered method (a new one is tested here by registering it); what a method needs beyond
+#: its defaults to run on the tiny model, and the methods that leave tensors at θ0 on purpose
+ALL_METHODS = sorted(METHODS)
+NINO_CHECKPOINTS = NINO / "checkpoints"
+EXTRA = {
+    # NiNo's context holds 4 experts: the fifth is folded pairwise (METAMERGE §4.1, daemon extension)
+    "metamerge": f'checkpoint = "{NINO_CHECKPOINTS / "nino_mlp.pt"}"\nfold = "pairwise"',
+    "metamerge_gnn": f'checkpoint = "{NINO_CHECKPOINTS / "nino_no_posw.pt"}"\nheads = 2\nsubgraph = true\nfold = "pairwise"',
+}
+#: NuFILT merges its selected layers only (attention and first MLP matrices) and WUDI its linear
+#: maps; the rest of the model stays θ0 by design (SPEC §3.2, §3.3)
+PARTIAL = {"nufilt": 0.15, "wudi": 0.15}
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +254,13 @@ def _digest(d: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_five_expert_stream_invariants_and_replay(tmp_path, half_stream, method):
+    if method in EXTRA and not NINO_CHECKPOINTS.is_dir():
+        pytest.skip(f"{NINO_CHECKPOINTS} is absent (the NiNo checkpoints live beside the repository; CI has them)")
     _, base, experts = half_stream
     b = load_all(base)
     digests = []
     for run in range(2):
-        ws = _workspace(tmp_path / f"run{run}", base, f'deploy = "{method}"')
+        ws = _workspace(tmp_path / f"run{run}", base, f'deploy = "{method}"\n' + EXTRA.get(method, ""))
         assert any(not m.role.mergeable for m in ws.model_info.metas.values())
         for t, p in enumerate(experts, 1):
             res = ws.merge(p)
@@ -263,11 +276,11 @@ def test_five_expert_stream_invariants_and_replay(tmp_path, half_stream, method)
             else:
                 assert torch.equal(v, b[k]), k  # frozen: θ0's value
         changed = sum(not torch.equal(got[k], b[k]) for k in b if b[k].dtype.is_floating_point)
-        assert changed > 0.9 * len(b)
+        assert changed > PARTIAL.get(method, 0.9) * len(b)
         # state sets are float32 (frozen tensors keep their dtype)
         snap = ws.states.latest()
         for name, s in snap.sets().items():
-            assert set(s) == set(b)
+            assert set(s) <= set(b)
             assert all(s[k].dtype == (torch.float32 if b[k].dtype.is_floating_point else b[k].dtype) for k in s), name
         digests.append({t: _digest(dep.path(t)) for t in dep.versions()})
     assert digests[0] == digests[1]

@@ -14,8 +14,8 @@ from mergewatch import config
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.roles import Role, resolve_table
 from mergewatch.checkpoint.writer import write_checkpoint, write_safetensors_file
+from mergewatch.engine import build_model_info, run_step
 from mergewatch.strategies.base import Pass, PassOutput, StepContext, Strategy, ViewSource
-from mergewatch.strategies.engine import build_model_info, run_step
 from mergewatch.workspace import Workspace
 from tests.helpers import load_all, perturb, tiny_clip_state
 from tests.test_techniques import bits, naive_ties
@@ -66,10 +66,10 @@ def _setup(tmp: Path, n: int = 3, dtype=torch.float32, sharded_base=False):
 def test_step_never_materialises_the_model(tmp_path, monkeypatch):
     """Every checkpoint the engine opens counts its live tensors: at any moment only a handful
     (base, expert, state, buffered experts of one name) are alive, far fewer than the model has."""
-    import mergewatch.strategies.state as state_mod
+    import mergewatch.engine.state as state_mod
     import mergewatch.workspace as ws_mod
     import mergewatch.buffer.store as store_mod
-    import mergewatch.strategies.engine as engine_mod
+    import mergewatch.engine.local as engine_mod
 
     for mod in (state_mod, ws_mod, store_mod, engine_mod):
         monkeypatch.setattr(mod, "LazyCheckpoint", CountingCheckpoint)
@@ -299,7 +299,7 @@ class _Doubler(Strategy):
 
 
 def test_run_prepare_writes_only_the_prepared_sets_and_refuses_views(tmp_path):
-    from mergewatch.strategies.engine import StrategyError, run_prepare
+    from mergewatch.engine import StrategyError, run_prepare
 
     base_sd, paths = _setup(tmp_path, n=1)
     base = LazyCheckpoint(tmp_path / "base")
@@ -318,7 +318,7 @@ def test_run_prepare_writes_only_the_prepared_sets_and_refuses_views(tmp_path):
 
 @pytest.mark.parametrize("trim", [False, True])
 def test_a_trimming_pass_returns_freed_memory_after_every_tensor(tmp_path, monkeypatch, trim):
-    from mergewatch.strategies import engine
+    from mergewatch.engine import local as engine
 
     calls: list[int] = []
     monkeypatch.setattr(engine, "release_freed_memory", lambda: calls.append(1))

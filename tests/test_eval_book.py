@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 from mergewatch.deploy.publisher import Publisher
 from mergewatch.eval import runner
 from mergewatch.eval.book import EvalBook, EvalJob

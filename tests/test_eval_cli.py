@@ -8,7 +8,7 @@ import json
 import pytest
 
 from mergewatch.cli import main
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 from tests.eval_support import eval_toml, labelled_by_base, write_eval_clip, write_expert
 from tests.helpers import load_all
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from mergewatch.daemon.inbox import submit
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 from tests.daemon_support import REPO, DaemonProcess, current, fetch_metrics, metric_value, read_ledger, wait_for, write_config
 from tests.eval_support import eval_toml, labelled_by_base, write_eval_clip, write_expert
 from tests.helpers import load_all

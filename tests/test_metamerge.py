@@ -20,18 +20,13 @@ from mergewatch import config
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.roles import Role, TensorRole
 from mergewatch.errors import ConfigError
+from mergewatch.nino.checkpoint import load_nino_mlp
+from mergewatch.nino.context import MetaMergeError, context_order, expert_mean
+from mergewatch.nino.context import moments as _moments
+from mergewatch.nino.mlp import metamerge_tensor, type_segments
 from mergewatch.strategies import METHODS
 from mergewatch.strategies.base import ModelInfo, StepContext, TensorMeta
 from mergewatch.strategies.metamerge import MetaMerge
-from mergewatch.strategies.nino import (
-    MetaMergeError,
-    _moments,
-    context_order,
-    expert_mean,
-    load_nino_mlp,
-    metamerge_tensor,
-    type_segments,
-)
 from mergewatch.workspace import Workspace
 from tests.helpers import CONF, NINO, load_all, make_expert, make_open_clip_base, needs_nino
 

@@ -20,23 +20,13 @@ from safetensors.torch import save_file
 
 from mergewatch import config
 from mergewatch.errors import ConfigError
+from mergewatch.nino.checkpoint import load_nino_gnn
+from mergewatch.nino.context import MetaMergeError, context_order, expert_mean
+from mergewatch.nino.eigenvectors import LpeStore, laplacian_pe
+from mergewatch.nino.gnn import metamerge_graph
+from mergewatch.nino.graph import AUX_VALUE, SLOTS, TYPE_CONV, build_vit_graph, graph_plan, resize_conv, vit_graphs, vit_spec
 from mergewatch.strategies import METHODS
 from mergewatch.strategies.metamerge import MetaMergeGNN
-from mergewatch.strategies.nino import MetaMergeError, context_order, expert_mean
-from mergewatch.strategies.nino_gnn import (
-    AUX_VALUE,
-    SLOTS,
-    TYPE_CONV,
-    LpeStore,
-    build_vit_graph,
-    graph_plan,
-    laplacian_pe,
-    load_nino_gnn,
-    metamerge_graph,
-    resize_conv,
-    vit_graphs,
-    vit_spec,
-)
 from mergewatch.workspace import Workspace
 from tests.helpers import CONF, NINO, TINY_CLIP, load_all, make_expert, make_open_clip_base, needs_nino, perturb, tiny_clip_state
 
@@ -128,7 +118,7 @@ def test_graph_builder_reproduces_the_fixture_graph(conf):
     info = meta["gnn"]["graph"]
     assert (g.num_nodes, g.num_edges) == (info["num_nodes"], info["num_edges"]) == (1169, 105297)
     assert g.n_params == info["n_visual_params_conv1_3x3"]
-    from mergewatch.strategies.nino_gnn import graph_size
+    from mergewatch.nino.graph import graph_size
 
     assert graph_size(vit_spec(visual_shapes(w0)), 2) == (1169, 105297, 105152)
     assert torch.equal(g.edge_index, ref["edge_index"])
@@ -281,7 +271,7 @@ def test_unknown_architectures_are_refused(tiny):
 def test_laplacian_eigenvectors_are_orthonormal_nontrivial_and_seeded(tiny):
     """Columns are orthonormal and orthogonal to the trivial eigenvector D^½·1; L v = λ v; the sparse
     solver (forced) agrees with the dense one up to sign; the signs are a function of the graph."""
-    from mergewatch.strategies import nino_gnn
+    from mergewatch.nino import eigenvectors as nino_gnn
 
     _, spec = tiny
     g = build_vit_graph(spec, 2)
@@ -561,7 +551,7 @@ def test_batch_cli(tmp_path, tiny_stream, fake_ckpt):
 
 def test_graph_size_formula_matches_the_built_graph(tiny):
     """The whole-graph memory check counts nodes, edges and parameters from shapes alone."""
-    from mergewatch.strategies.nino_gnn import graph_size
+    from mergewatch.nino.graph import graph_size
 
     sd, spec = tiny
     for heads in (1, 2, 4):

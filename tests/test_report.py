@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mergewatch.daemon.ledger import Ledger
+from mergewatch.ledger import Ledger
 from mergewatch.eval import report
 from mergewatch.eval.report import ReportError, write_report
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a tensor is turned into bytes
+    import torch
 
 
 class ContentHasher:
@@ -31,10 +35,19 @@ class ContentHasher:
         return self._h.hexdigest()
 
 
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """The raw little-endian bytes of a tensor (works for bf16, which numpy lacks): what the content
+    hash and the writer consume."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def content_sha256(ckpt: Mapping) -> str:
     """Content hash of a ``LazyCheckpoint`` (reads every tensor once, one at a time)."""
-    from mergewatch.checkpoint.writer import tensor_bytes
-
     h = ContentHasher()
     for name in sorted(ckpt):
         info = ckpt.info(name)

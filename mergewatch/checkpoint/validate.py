@@ -14,7 +14,7 @@ import torch
 
 from mergewatch.checkpoint.hashing import ContentHasher
 from mergewatch.checkpoint.reader import FLOAT_CODES, LazyCheckpoint
-from mergewatch.checkpoint.writer import tensor_bytes
+from mergewatch.checkpoint.hashing import tensor_bytes
 from mergewatch.errors import IncompatibleExpertError, Problem
 
 #: "strict": every dtype equals the base's; "float_cast": floating tensors may differ in float dtype

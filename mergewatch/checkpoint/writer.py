@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from mergewatch.checkpoint.durable import fsync_path
-from mergewatch.checkpoint.hashing import ContentHasher
+from mergewatch.checkpoint.hashing import ContentHasher, tensor_bytes
 from mergewatch.checkpoint.reader import DTYPES, TORCH_TO_CODE
 
 SINGLE_FILE = "model.safetensors"
@@ -61,14 +61,6 @@ class TensorSpec:
         for s in self.shape:
             n *= s
         return n
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (works for bf16, which numpy lacks)."""
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str] | None) -> bytes:

@@ -5,6 +5,10 @@ and goes on; each tick it collects finished results (``poll``) and records them 
 loop stays the ledger's only writer. The worker is a separate process (multiprocessing ``spawn``)
 with its own torch thread count (``eval.threads``); the evaluator is built once in it and reused.
 
+The daemon's side is ``Evaluations`` (built only with ``[eval]``): it queues published versions for
+the worker, collects the results and books them (``EvalBook.conclude``, in the main loop), with
+the metrics and log events; ``refresh_gauges`` sets the daemon's gauges.
+
 Failures never reach the daemon: an exception in the evaluator comes back as an error result; a
 worker that dies (out of memory, a segfault in a plugin) is noticed, its job reported as failed and
 a new worker started for the next job. ``stop`` terminates the worker without waiting for a long
@@ -29,7 +33,7 @@ import threading
 import time
 from collections import deque
 
-from mergewatch.eval.book import EvalJob
+from mergewatch.eval.book import EvalBook, EvalJob
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -170,3 +174,84 @@ class EvalWorker:
         self._queue.clear()
         self._inflight = None
         self._discard_worker()
+
+
+class Evaluations:
+    """The daemon's evaluation bookkeeping beside the merge loop, called from the main loop only."""
+
+    def __init__(self, settings, ws, metrics, log):
+        self.settings = settings
+        self.ws = ws
+        self.metrics = metrics
+        self.log = log
+        self.book = EvalBook(settings, ws.ledger, ws.publishers)
+        self.worker: EvalWorker | None = None  # started by ``start`` (the daemon's run)
+        self.retry_due = threading.Event()  # set by the scheduler's retry job
+
+    def start(self) -> None:
+        self.worker = EvalWorker(self.settings, self.ws.table.name)
+        self.queue()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+
+    def published(self, step: int, version: int | None) -> None:
+        """A step published deploy ``version`` (None: none): evaluate it."""
+        if self.worker is not None and version is not None:
+            self.worker.submit(EvalJob("deploy", version, step, str(self.ws.publishers["deploy"].path(version))))
+
+    def queue(self) -> None:
+        """Queue every version without a successful evaluation (θ0 first) and settle the gate."""
+        for job in self.book.pending():
+            self.worker.submit(job)
+        for (view, version), r in sorted(self.book.latest_rows().items()):
+            if view == "deploy" and self.book.apply_gate(EvalJob(view, version, r["step"], ""), r["metrics"]):
+                self.log.info("promoted", version=version, reason=r["metrics"].get("gate_reason", ""))
+        refresh_gauges(self.metrics, self.ws, self.book)
+
+    def collect(self) -> None:
+        """Book the results the worker finished (and queue again what failed, when a retry is due)."""
+        if self.worker is None:
+            return
+        if self.retry_due.is_set():
+            self.retry_due.clear()
+            self.queue()
+        for job, ok, result, seconds in self.worker.poll():
+            log = self.log.bind(view=job.view, version=job.version, step=job.step)
+            try:
+                row, outcome = self.book.conclude(job, ok, result)
+            except Exception as e:  # noqa: BLE001 - recording must not stop the daemon
+                log.exception("evaluation_record_failed", error=f"{type(e).__name__}: {e}")
+                self.metrics.count_evaluation("failed")
+                continue
+            self.metrics.observe_evaluate(seconds)
+            if row["status"] != "ok":
+                self.metrics.count_evaluation("failed")
+                log.error("evaluation_failed", error=row["error"], attempt=row["attempt"], retries=self.settings.eval.retries)
+                continue
+            self.metrics.count_evaluation("ok")
+            log.info("evaluated", acc=row.get("acc"), bwt=row.get("bwt"), bwt_denominator=row.get("bwt_denominator"),
+                     tasks={k: v["accuracy"] for k, v in row["tasks"].items()}, seconds=round(seconds, 3))
+            if outcome == "held_back":
+                self.metrics.count_held_back()
+                log.warning("held_back", reason=row["gate_reason"], current=self.ws.publishers["deploy"].current())
+            elif outcome == "promoted":
+                log.info("promoted", reason=row["gate_reason"])
+            refresh_gauges(self.metrics, self.ws, self.book)
+
+
+def refresh_gauges(metrics, ws, book: EvalBook | None = None) -> None:
+    """The daemon's gauges from the committed state, the publishers, the ledger and the book."""
+    metrics.set_step(len(ws.merged_ids()))
+    for view, pub in ws.publishers.items():
+        cur = pub.current()
+        if cur is not None:
+            versions = pub.versions()
+            metrics.set_version(view, cur, versions[-1] if versions else None)
+    metrics.set_queue(ws.ledger.queue_depth())
+    if book is not None:
+        metrics.set_held_back(len(book.held_back()))
+        row = book.latest_rows().get(("deploy", ws.publishers["deploy"].current()))
+        if row is not None and row["metrics"].get("status") == "ok":
+            metrics.set_eval(acc=row["metrics"].get("acc"), bwt=row["metrics"].get("bwt"))

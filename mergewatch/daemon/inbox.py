@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergewatch.checkpoint.durable import fsync_path
+from mergewatch.checkpoint.durable import atomic_write, fsync_path
 from mergewatch.errors import SidecarError
 
 MARKER = "_SUCCESS"
@@ -213,9 +213,7 @@ def reject(drop_path: Path, reason: str, rejected_dir: Path, sidecar: Path | Non
     rejected_dir.mkdir(parents=True, exist_ok=True)
     dest = _unique(rejected_dir, drop_path.name)
     reason_file = rejected_dir / f"{dest.name}.reason.txt"
-    tmp = rejected_dir / f".{dest.name}.{uuid.uuid4().hex[:6]}.tmp"
-    tmp.write_text(reason.rstrip() + "\n", "utf-8")
-    os.replace(tmp, reason_file)
+    atomic_write(reason_file, reason.rstrip() + "\n")
     if drop_path.exists() or drop_path.is_symlink():
         os.rename(drop_path, dest)
     if sidecar is not None and sidecar.exists() and sidecar.parent != drop_path:
@@ -248,10 +246,7 @@ def submit(source: str | os.PathLike, inbox: str | os.PathLike, *, meta: dict | 
     if meta is not None:
         side = (final / "meta.json") if src.is_dir() else final.with_name(final.name.removesuffix(".safetensors") + ".json")
         if not src.is_dir():
-            tmp = inbox / f".{side.name}.{tag}.tmp"
-            tmp.write_text(json.dumps(meta, indent=2), "utf-8")
-            fsync_path(tmp)
-            os.replace(tmp, side)
+            atomic_write(side, json.dumps(meta, indent=2))
     if src.is_dir():
         tmp_dir = inbox / f".{final.name}.{tag}.tmp"
         tmp_dir.mkdir()

@@ -46,13 +46,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 
 from mergewatch import __version__
 from mergewatch.errors import REJECT_CLASSES
+from mergewatch.views import VIEWS
 
 NAMESPACE = "mergewatch"
 DEFAULT_LISTEN = "127.0.0.1:9464"
 
 OUTCOMES = ("merged", "rejected", "duplicate")
 EVAL_OUTCOMES = ("ok", "failed")
-VIEWS = ("deploy", "init")
 DEFAULT_JOBS = ("rescan", "retention", "heartbeat", "evaluate")
 
 #: Buckets spanning a fraction of a second (a tiny test model) to hours (a large model on a CPU).

@@ -2,15 +2,21 @@
 
 The main thread runs the worker loop and is the only writer of the ledger. Around it: the watchdog
 observer (file events → ``Inbox.note``), the APScheduler jobs (rescan, retention, the systemd
-heartbeat), the Prometheus HTTP server. One iteration of the loop: turn complete drops into queued
-ledger rows (arrival order), then take the oldest queued expert through
-``validate → claim into the store → strategy step → commit state → publish → record``.
+heartbeat), the Prometheus HTTP server, and with ``[eval]`` the evaluation worker
+(``daemon/evaluation.py``: queueing, collecting, gauges). One iteration of the loop: turn complete
+drops into queued ledger rows (arrival order), then take the oldest queued expert through
+``validate → claim into the store → strategy step → commit state → publish → record``. The
+workspace does the step and writes its ledger rows (``Workspace.check``, ``merge_row``,
+``reconcile``); the loop decides when, handles the inbox (rejected/ and duplicates), and logs,
+counts and notifies.
 
 Crash safety comes from ordering: a row is marked ``merging`` (with its content id) before the drop
 is moved into the store; the step commits ``state/<t>/`` atomically; publishing is keyed by step.
 On start, ``recover()`` clears staging leftovers, finishes publishing the newest committed step and
-reconciles ``merging`` rows with the committed state: merged if the state already holds the
-expert, merged again (from the store, or the inbox if the move had not happened) otherwise.
+reconciles the ledger with the committed state (``Workspace.reconcile``): a ``merging`` row is
+merged if the state already holds the expert, merged again (from the store, or the inbox if the
+move had not happened) otherwise; a committed step no row knows (a batch run that stopped before
+recording it) gets its rows.
 
 When the queue is empty after a step, the loop prepares what the strategy can compute ahead for
 the next step (``Workspace.prepare``: OPCM's SVDs), so that the next expert's arrival → deploy
@@ -29,18 +35,16 @@ from pathlib import Path
 
 from mergewatch import __version__, config
 from mergewatch.checkpoint.reader import LazyCheckpoint
-from mergewatch.faults import crash_point
 from mergewatch.errors import CheckpointError, IncompatibleExpertError, MergewatchError, SidecarError, rejection
 from mergewatch.daemon import sdnotify
+from mergewatch.daemon.evaluation import Evaluations, refresh_gauges
 from mergewatch.daemon.inbox import Inbox, file_sidecar, parse_sidecar, reject
-from mergewatch.daemon.ledger import ExpertRow, Ledger
 from mergewatch.daemon.logs import configure_logging, get_logger
 from mergewatch.daemon.metrics import Metrics
 from mergewatch.daemon.scheduler import ProgressHeartbeat, make_scheduler
 from mergewatch.daemon.watcher import InboxWatcher
-from mergewatch.eval.book import EvalBook, EvalJob
+from mergewatch.ledger import ExpertRow
 from mergewatch.workspace import Workspace
-
 
 
 class Daemon:
@@ -51,7 +55,7 @@ class Daemon:
         self.idle_wait = idle_wait
         self.log = get_logger(component="daemon")
         self.ws = Workspace(settings)
-        self.ledger = Ledger(self.ws.root / "ledger.sqlite")
+        self.ledger = self.ws.ledger
         self.inbox = Inbox(self.ws.root / "inbox", settings.watch.quiet_seconds)
         policy_name = settings.policy.deploy if not settings.policy.is_time else f"time-{settings.policy.init}-{settings.policy.deploy}-{settings.policy.technique}"
         self.policy_name = policy_name
@@ -69,9 +73,7 @@ class Daemon:
         self.scheduler = None
         self.server = None
         # Evaluation (issue 9): a worker process beside the merge loop; results recorded here.
-        self.book = EvalBook(settings, self.ledger, self.ws.publishers) if settings.eval is not None else None
-        self.evals = None
-        self._eval_retry_due = threading.Event()
+        self.evals = Evaluations(settings, self.ws, self.metrics, self.log) if settings.eval is not None else None
 
     # Lifecycle ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -87,12 +89,9 @@ class Daemon:
         ]
         if self.heartbeat is not None:
             jobs.append(self.heartbeat.job())
-        if self.book is not None:
-            from mergewatch.daemon.evaluation import EvalWorker
-
-            self.evals = EvalWorker(self.settings, self.ws.table.name)
+        if self.evals is not None:
             jobs.append(("evaluate", self.settings.eval.retry_seconds, self._eval_retry_job))
-            self._queue_evals()
+            self.evals.start()
         self.scheduler = make_scheduler(jobs, metrics=self.metrics, start=True)
         self.inbox.scan()
         self.log.info("ready", workspace=str(self.ws.root), policy=self.policy_name, metrics_port=getattr(self.server, "port", None))
@@ -119,7 +118,7 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.server is not None:
             self.server.close()
-        self.ledger.close()
+        self.ws.close()
 
     def _install_signals(self) -> None:
         def on_term(signum, frame):
@@ -164,12 +163,8 @@ class Daemon:
     # Recovery -------------------------------------------------------------------------------
     def recover(self) -> None:
         report = self.ws.recover()
-        merged = self.ws.merged_ids()
-        for row in self.ledger.experts("merging"):
-            if row.id in merged:
-                step = merged.index(row.id) + 1
-                self.ledger.set_status(row.seq, "merged", step=step)
-                self.log.info("recovered_merged", expert_id=row.id, step=step)
+        for _, expert_id, step in self.ws.reconcile():
+            self.log.info("recovered_merged", expert_id=expert_id, step=step)
         self._refresh_gauges()
         last = [r["published_at"] for r in self.ledger.steps(limit=1) if r.get("published_at")]
         if last:  # the last publish before this process started (the gauge survives restarts)
@@ -184,7 +179,8 @@ class Daemon:
 
     def tick(self) -> None:
         self._on_tensor()
-        self._collect_evals()
+        if self.evals is not None:
+            self.evals.collect()
         for drop in self.inbox.ready():
             if not self.ledger.is_pending_source(drop.name):
                 try:
@@ -230,7 +226,7 @@ class Daemon:
                 reject(self.ws.store.path(row.id), reason, self.ws.root / "rejected", side if side.is_file() else None)
         except OSError as e2:
             self.log.error("set_aside_failed", seq=row.seq, error=str(e2))
-        self.ledger.set_status(row.seq, "rejected", reason=reason, reason_class="internal", problems=[reason])
+        self.ws.reject_row(row, "internal", reason)
         self.metrics.count_expert("rejected", "internal")
 
     def process(self, row: ExpertRow) -> None:
@@ -241,24 +237,20 @@ class Daemon:
             if src.is_symlink():
                 problem = CheckpointError(src, f"symlinks are not accepted (points to {os.readlink(src)}): drop the file itself", "symlink")
             elif not src.exists():
-                gone = "the drop disappeared from the inbox before it was claimed"
-                self.ledger.set_status(row.seq, "rejected", reason=gone, reason_class="vanished", problems=[gone])
+                self.ws.reject_row(row, "vanished", "the drop disappeared from the inbox before it was claimed")
                 self.metrics.count_expert("rejected", "vanished")
                 return
             elif src.is_file() and not src.name.endswith(".safetensors"):
                 problem = CheckpointError(src, "not a .safetensors file; " + _why_not_safetensors(src), "not_safetensors")
             if problem is None:
                 try:
-                    _, report = self.ws.validate(src)
+                    sha, step = self.ws.check(src)
                 except (CheckpointError, IncompatibleExpertError, OSError) as e:
                     problem = e
             if problem is not None:
                 self._reject(row, src, problem, log)
                 return
-            sha = report.content_sha256
-            merged = self.ws.merged_ids()  # the committed state is the truth about what is merged
-            if sha in merged:
-                step = merged.index(sha) + 1
+            if step is not None:
                 dest = reject(src, f"duplicate: the same tensor content ({sha}) was merged at step {step}", self.ws.root / "rejected", file_sidecar(src))
                 self.ledger.set_status(row.seq, "duplicate", id=sha, reason=f"duplicate of step {step}", step=step)
                 self.metrics.count_expert("duplicate")
@@ -269,58 +261,36 @@ class Daemon:
         self._merge(row, src, log.bind(expert_id=row.id))
 
     def _merge(self, row: ExpertRow, src: Path, log) -> None:
-        sha = row.id
-        merged = self.ws.merged_ids()
-        if sha in merged:  # committed before a crash: only the ledger is behind
-            step = merged.index(sha) + 1
-            self.ws.publish(step)
-            self.ledger.set_status(row.seq, "merged", step=step)
-            return
-        crash_point("before_claim")
-        if not self.ws.store.has(sha):
-            if not src.exists():
-                lost = "lost: neither in the store nor in the inbox"
-                self.ledger.set_status(row.seq, "rejected", reason=lost, reason_class="vanished", problems=[lost])
-                log.error("lost")
-                return
-            self.ws.store.claim(src, sha, move=True)
-        side = file_sidecar(src)
-        if side is not None:
-            self.ws.store.keep_sidecar(sha, side)  # moved beside the expert: a user's file is never deleted
-        crash_point("after_claim")
-        step = len(merged) + 1
-        self.ledger.step_started(step, sha, row.seq)
-        log = log.bind(step=step)
-        log.info("merging")
-        sdnotify.status(f"merging step {step}: {row.name}")
-        self._in_step = True
-        t0 = time.monotonic()
+        def started(step: int) -> None:  # the step is recorded as started and about to run
+            nonlocal log
+            log = log.bind(step=step)
+            log.info("merging")
+            sdnotify.status(f"merging step {step}: {row.name}")
+            self._in_step = True
+
         try:
-            outcome = self.ws.step(sha, row.name)
-        except (CheckpointError, IncompatibleExpertError) as e:
-            self._in_step = False
-            _, full, problems = rejection(e)
-            self.ledger.set_status(row.seq, "rejected", reason=f"step failed: {full}", reason_class="step_failed", problems=problems)
-            self.metrics.count_expert("rejected", "step_failed")
-            log.error("step_failed", error=full, problems=problems, reason_class="step_failed")
-            return
+            outcome = self.ws.merge_row(row, src, sidecar=file_sidecar(src), started=started)
         finally:
             self._in_step = False
-        crash_point("after_step")
-        seconds = time.monotonic() - t0
-        contents = {v: (self.ws.publishers[v].current_content_sha256()) for v in outcome.versions}
-        self.ledger.step_done(step, merge_seconds=seconds, versions=outcome.versions, contents=contents)
-        self.ledger.set_status(row.seq, "merged", step=step)
+        if outcome.status == "rejected":
+            if outcome.reason_class == "vanished":
+                log.error("lost")
+                return
+            self.metrics.count_expert("rejected", outcome.reason_class)
+            log.error("step_failed", error=outcome.reason.removeprefix("step failed: "), problems=outcome.problems, reason_class=outcome.reason_class)
+            return
+        if outcome.status != "merged":  # caught up: committed before a crash, only the ledger was behind
+            return
+        step = outcome.step
         self.metrics.count_expert("merged")
         self.metrics.observe_merge(outcome.merge_seconds)
         self.metrics.observe_publish(outcome.publish_seconds)
         self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))  # from first seen in the inbox
         self.metrics.mark_success()
         self._refresh_gauges()
-        log.info("merged", versions=outcome.versions, seconds=round(seconds, 3), prepared=outcome.prepared)
-        if self.evals is not None and outcome.versions.get("deploy") is not None:
-            v = outcome.versions["deploy"]
-            self.evals.submit(EvalJob("deploy", v, step, str(self.ws.publishers["deploy"].path(v))))
+        log.info("merged", versions=outcome.versions, seconds=round(outcome.seconds, 3), prepared=outcome.prepared)
+        if self.evals is not None:
+            self.evals.published(step, outcome.versions.get("deploy"))
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
 
     # Work ahead --------------------------------------------------------------------------------
@@ -365,7 +335,7 @@ class Daemon:
         as the metric's bounded ``reason`` label."""
         klass, full, problems = rejection(problem)
         dest = reject(src, full, self.ws.root / "rejected", file_sidecar(src))
-        self.ledger.set_status(row.seq, "rejected", reason=full, reason_class=klass, problems=problems)
+        self.ws.reject_row(row, klass, full, problems)
         self.metrics.count_expert("rejected", klass)
         log.warning("rejected", reason=full.splitlines()[0], reason_class=klass, problems=problems, moved_to=str(dest))
 
@@ -375,48 +345,8 @@ class Daemon:
 
     def _eval_retry_job(self) -> None:
         # Scheduler thread: ask the main loop to queue failed (or missed) evaluations again.
-        self._eval_retry_due.set()
+        self.evals.retry_due.set()
         self.inbox.wakeup.set()
-
-    # Evaluation -----------------------------------------------------------------------------
-    def _queue_evals(self) -> None:
-        """Queue every version without a successful evaluation (θ0 first) and settle the gate."""
-        for job in self.book.pending():
-            self.evals.submit(job)
-        for (view, version), r in sorted(self.book.latest_rows().items()):
-            if view == "deploy" and self.book.apply_gate(EvalJob(view, version, r["step"], ""), r["metrics"]):
-                self.log.info("promoted", version=version, reason=r["metrics"].get("gate_reason", ""))
-        self._refresh_gauges()
-
-    def _collect_evals(self) -> None:
-        if self.evals is None:
-            return
-        if self._eval_retry_due.is_set():
-            self._eval_retry_due.clear()
-            self._queue_evals()
-        for job, ok, result, seconds in self.evals.poll():
-            log = self.log.bind(view=job.view, version=job.version, step=job.step)
-            try:
-                row = self.book.record(job, ok, result)
-            except Exception as e:  # noqa: BLE001 - recording must not stop the daemon
-                log.exception("evaluation_record_failed", error=f"{type(e).__name__}: {e}")
-                self.metrics.count_evaluation("failed")
-                continue
-            self.metrics.observe_evaluate(seconds)
-            if row["status"] != "ok":
-                self.metrics.count_evaluation("failed")
-                log.error("evaluation_failed", error=row["error"], attempt=row["attempt"], retries=self.settings.eval.retries)
-                continue
-            self.metrics.count_evaluation("ok")
-            log.info("evaluated", acc=row.get("acc"), bwt=row.get("bwt"), bwt_denominator=row.get("bwt_denominator"),
-                     tasks={k: v["accuracy"] for k, v in row["tasks"].items()}, seconds=round(seconds, 3))
-            outcome = self.book.settle(job, row)
-            if outcome == "held_back":
-                self.metrics.count_held_back()
-                log.warning("held_back", reason=row["gate_reason"], current=self.ws.publishers["deploy"].current())
-            elif outcome == "promoted":
-                log.info("promoted", reason=row["gate_reason"])
-            self._refresh_gauges()
 
     def _retention_job(self) -> None:
         # Runs in a scheduler thread: only ask; the main loop (sole writer) applies it when idle.
@@ -432,18 +362,7 @@ class Daemon:
         return len(self.ws.merged_ids())
 
     def _refresh_gauges(self) -> None:
-        self.metrics.set_step(self._step())
-        for view, pub in self.ws.publishers.items():
-            cur = pub.current()
-            if cur is not None:
-                versions = pub.versions()
-                self.metrics.set_version(view, cur, versions[-1] if versions else None)
-        self.metrics.set_queue(self.ledger.queue_depth())
-        if self.book is not None:
-            self.metrics.set_held_back(len(self.book.held_back()))
-            row = self.book.latest_rows().get(("deploy", self.ws.publishers["deploy"].current()))
-            if row is not None and row["metrics"].get("status") == "ok":
-                self.metrics.set_eval(acc=row["metrics"].get("acc"), bwt=row["metrics"].get("bwt"))
+        refresh_gauges(self.metrics, self.ws, self.evals.book if self.evals is not None else None)
 
 
 class _PrepareAbandoned(Exception):

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 
-from mergewatch.checkpoint.durable import fsync_path
+from mergewatch.checkpoint.durable import atomic_write
 from mergewatch.errors import ConfigError
 
 #: file endings that hold weights, never published as companions (the state writer publishes weights)
@@ -96,12 +94,6 @@ class Companions:
             dst = self.root / sha / name
             if not dst.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dst.parent / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, dst)
-                fsync_path(dst.parent)
+                atomic_write(dst, data)
             out[name] = (dst, sha)
         return out

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mergewatch.checkpoint.durable import fsync_path
+from mergewatch.checkpoint.durable import atomic_write, fsync_path
 from mergewatch.deploy.loader import (
     EVAL_FILE,
     MANIFEST_FILE,
@@ -192,13 +192,7 @@ class Publisher:
     def _set_current(self, version: int) -> None:
         """Point ``CURRENT`` then ``current`` at ``version`` (each by rename, each made durable)."""
         sha = self.manifest_sha256(version)
-        tmp = self._tmp_name("CURRENT")
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{version} {sha}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / POINTER_FILE)
-        fsync_path(self.root)
+        atomic_write(self.root / POINTER_FILE, f"{version} {sha}\n", tmp_dir=self.staging)
         link = self._tmp_name("current")
         os.symlink(str(version), link)  # relative: resolves against the directory it is renamed into
         os.replace(link, self.root / POINTER_LINK)
@@ -357,19 +351,7 @@ class Publisher:
         with self._locked():
             if version not in self.versions():
                 raise PublishError(f"cannot write {EVAL_FILE}: no published version {version} in {self.root}")
-            tmp = self._tmp_name("EVAL")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(raw)
-                    f.flush()
-                    os.fsync(f.fileno())
-                final = self.path(version) / EVAL_FILE
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            fsync_path(final.parent)
-            return final
+            return atomic_write(self.path(version) / EVAL_FILE, raw, tmp_dir=self.staging)
 
     # Housekeeping ---------------------------------------------------------------------------
     def retain(self) -> list[int]:

@@ -156,6 +156,12 @@ class EvalBook:
         self.ledger.record_event(outcome, step=job.step, version=job.version, data={"reason": row["gate_reason"]})
         return outcome
 
+    def conclude(self, job: EvalJob, ok: bool, result) -> tuple[dict, str | None]:
+        """An evaluation's whole bookkeeping, for the daemon and the batch CLI: the attempt recorded
+        (``record``) and the gate settled on it (``settle``); returns ``(row, gate outcome)``."""
+        row = self.record(job, ok, result)
+        return row, self.settle(job, row)
+
     def held_back(self) -> list[dict]:
         """Published deploy versions newer than current that the gate held back (with the reason)."""
         current = self.deploy.current() or 0

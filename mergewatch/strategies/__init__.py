@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mergewatch.strategies.base import BufferNeed, Pass, PassOutput, StepContext, Strategy, TensorInputs, TensorMeta, ViewSource
 from mergewatch.strategies.continual import ContinualMagMax, ContinualTaskArithmetic, ContinualTIES, ContinualWeightAverage
@@ -22,7 +22,7 @@ from mergewatch.strategies.wudi import WUDI
 if TYPE_CHECKING:
     from mergewatch.config import PolicySettings
 
-#: deploy name -> strategy class (each declares ``defaults``: its hyper-parameters and defaults)
+#: deploy name -> strategy class (each declares its hyper-parameters: ``param_defs``)
 METHODS: dict[str, type[Strategy]] = {
     "opcm": OPCM,
     "continual_wa": ContinualWeightAverage,
@@ -39,10 +39,6 @@ METHODS: dict[str, type[Strategy]] = {
 STRATEGIES: dict[str, type[Strategy]] = {"time": TimePolicy, **METHODS}
 
 
-def method_defaults(name: str) -> dict[str, Any]:
-    return dict(getattr(METHODS[name], "defaults", {}))
-
-
 def build_technique(name: str, params: dict, weaving: dict | None = None) -> Technique:
     tech = TECHNIQUES[name](**params)
     if weaving is not None:
@@ -55,7 +51,7 @@ def build_technique(name: str, params: dict, weaving: dict | None = None) -> Tec
 def build_strategy(policy: "PolicySettings") -> Strategy:
     """The strategy a validated policy describes."""
     if policy.deploy in METHODS:
-        return METHODS[policy.deploy]({**method_defaults(policy.deploy), **policy.params})
+        return METHODS[policy.deploy](policy.params)
     technique = build_technique(policy.technique, dict(policy.technique_params), policy.weaving)
     params = {"init": policy.init, "deploy": policy.deploy, **policy.params}
     if policy.lines is not None:

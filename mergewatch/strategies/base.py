@@ -2,8 +2,8 @@
 
 A *strategy* turns (θ0, the new expert θ_t, the buffered experts, its previous state) into its new
 state and the published *views* (``deploy`` and ``init``). It never touches files: it describes its
-work as a list of **passes** over the model; the engine (``engine.py``) streams every tensor through
-each pass and writes what the pass emits (DESIGN §4).
+work as a list of **passes** over the model; the engine (``mergewatch.engine``) streams every
+tensor through each pass and writes what the pass emits (DESIGN §4).
 
 * A pass's ``tensor_fn(meta, inputs, ctx)`` is a pure function of the tensors of one name (float32)
   and the whole-model scalars in ``ctx.scalars``. It may overwrite the inputs the engine hands over
@@ -41,8 +41,9 @@ from typing import Any, ClassVar
 import torch
 
 from mergewatch.checkpoint.roles import TensorRole
+from mergewatch.params import Declares, validate
+from mergewatch.views import VIEWS
 
-VIEWS = ("deploy", "init")
 
 
 class BufferNeed(str, Enum):
@@ -162,22 +163,25 @@ class Pass:
     reads: frozenset[str] = frozenset()
     label: str = ""  # shown in progress output
     #: hand freed heap memory back to the kernel after every tensor name, not only after the pass
-    #: (engine.release_freed_memory): for passes whose per-tensor work (SVDs, QRs) fragments the
+    #: (``numeric.release_freed_memory``): for passes whose per-tensor work (SVDs, QRs) fragments the
     #: heap enough that the retained memory, not the live tensors, would set the step's peak
     trim: bool = False
 
 
-class Strategy:
-    """Base class of every merge strategy. Subclasses set ``name`` and ``paper`` and implement
-    ``passes``; the others have defaults for a stateless strategy."""
+class Strategy(Declares):
+    """Base class of every merge strategy. Subclasses set ``name``, ``paper`` and ``param_defs``
+    (their hyper-parameters; ``defaults`` is derived) and implement ``passes``; the others have
+    defaults for a stateless strategy."""
 
     name: ClassVar[str]
     paper: ClassVar[str] = ""
-    #: True when the strategy assumes experts fine-tuned from θ0 (DFCMM methods: init must be zs).
+    #: True when the strategy assumes experts fine-tuned from θ0 (DFCMM methods: the config
+    #: requires init zs).
     requires_zs_init: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any]):
-        self.params = dict(params)
+        """``self.params``: every declared parameter, checked (``ParamError``), defaults filled in."""
+        self.params = validate(params, self.param_defs, self.name)
 
     # What must be kept -------------------------------------------------------------------------
     def buffer_need(self) -> BufferNeed:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mergewatch.params import Param, with_defaults
 from mergewatch.strategies.base import (
     Pass,
     PassOutput,
@@ -39,37 +40,27 @@ from mergewatch.strategies.base import (
     TensorInputs,
     TensorMeta,
 )
-from mergewatch.strategies.techniques import TIES, MergeInputs, PrepPass, is_finite_number, magmax_select
+from mergewatch.strategies.techniques import MERGE, P_DROP, TIES, TRIM, MergeInputs, PrepPass, magmax_select
 
 NUFILT_PAPER = "Qiu et al., ICLR 2026, 'Null-space filtering for data-free continual model merging' (continual baselines)"
 
 
+def scale(default: float, *, positive: bool = False) -> Param:
+    """λ, the scale of the merged task vector (> 0 when ``positive``, else >= 0)."""
+    return Param("lambda", float, default, "scale of the merged task vector", min=0.0, min_open=positive)
+
+
 class ContinualBaseline(Strategy):
     """One state set, one merge pass per step: ``(state_t, deploy_t) = step(θ0, θ_t, state_{t−1})``.
-    Subclasses set ``name``, ``paper``, ``defaults``, ``state_set`` and implement ``first`` and
-    ``combine``."""
+    Subclasses set ``name``, ``paper``, ``param_defs``, ``state_set`` and implement ``first`` and
+    ``combine``; ``lam`` is the ``lambda`` parameter of those that declare one."""
 
     requires_zs_init = True
-    defaults: ClassVar[dict[str, Any]] = {}
     state_set: ClassVar[str]
 
     def __init__(self, params: Mapping[str, Any]):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults) or 'none'}")
-        super().__init__({**self.defaults, **params})
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the parameter for an out-of-range value."""
-
-    def _lambda(self, *, positive: bool = False) -> float:
-        lam = self.params["lambda"]
-        ok = is_finite_number(lam) and (float(lam) > 0.0 if positive else float(lam) >= 0.0)
-        if not ok:
-            raise ValueError(f"{self.name}: parameter 'lambda' must be a finite number {'> 0' if positive else '>= 0'}, got {lam!r}")
-        self.params["lambda"] = float(lam)
-        return float(lam)
+        super().__init__(params)
+        self.lam = self.params.get("lambda")
 
     # Declarations ------------------------------------------------------------------------------
     def state_sets(self, t: int) -> tuple[str, ...]:
@@ -131,11 +122,8 @@ class ContinualTaskArithmetic(ContinualBaseline):
 
     name = "continual_ta"
     paper = NUFILT_PAPER + "; Ilharco et al., ICLR 2023 (task arithmetic)"
-    defaults = {"lambda": 0.3}
+    param_defs = (scale(0.3),)
     state_set = "merged"
-
-    def validate(self) -> None:
-        self.lam = self._lambda()
 
     def first(self, meta, inp, ctx):
         merged = inp.base + self.lam * (inp.expert - inp.base)
@@ -157,13 +145,12 @@ class ContinualTIES(ContinualBaseline):
 
     name = "continual_ties"
     paper = NUFILT_PAPER + "; Yadav et al., NeurIPS 2023 (TIES-Merging)"
-    defaults = {"lambda": 0.5, "p": 0.8, "trim": "global", "merge": "sum"}
+    param_defs = (scale(0.5, positive=True), *with_defaults((P_DROP, TRIM, MERGE), trim="global", merge="sum"))
     state_set = "tau_merged"
     JOB = "ties"  # key of the prep-pass scalars in ctx.scalars
 
-    def validate(self) -> None:
-        self.lam = self._lambda(positive=True)
-        # TIES validates p (in [0, 1)), trim and merge, naming the parameter.
+    def __init__(self, params: Mapping[str, Any]):
+        super().__init__(params)
         self.ties = TIES(p=self.params["p"], merge=self.params["merge"], trim=self.params["trim"])
 
     def _inputs(self, meta: TensorMeta, inp: TensorInputs, ctx: StepContext) -> MergeInputs:
@@ -210,11 +197,8 @@ class ContinualMagMax(ContinualBaseline):
 
     name = "continual_magmax"
     paper = "Marczak et al., ECCV 2024, 'MagMax: leveraging model merging for seamless continual learning'; " + NUFILT_PAPER
-    defaults = {"lambda": 0.5}
+    param_defs = (scale(0.5),)
     state_set = "tau_max"
-
-    def validate(self) -> None:
-        self.lam = self._lambda()
 
     def first(self, meta, inp, ctx):
         tau = inp.expert - inp.base

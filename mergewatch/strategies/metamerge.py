@@ -61,10 +61,17 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from mergewatch.nino.checkpoint import load_nino_gnn, load_nino_mlp
+from mergewatch.nino.context import HORIZONS, MAX_EXPERTS, MetaMergeError, context_order, expert_mean
+from mergewatch.nino.eigenvectors import LpeStore
+from mergewatch.nino.gnn import DEFAULT_CHUNK_EDGES, estimate_bytes, metamerge_graph
+from mergewatch.nino.graph import build_vit_graph, graph_plan, graph_size, resize_conv, vit_spec
+from mergewatch.nino.mlp import DEFAULT_CHUNK_ROWS, metamerge_tensor
+from mergewatch.numeric import release_freed_memory
 from mergewatch.strategies.base import (
     BufferNeed,
     Pass,
@@ -74,36 +81,22 @@ from mergewatch.strategies.base import (
     TensorInputs,
     TensorMeta,
 )
-from mergewatch.strategies.nino import (
-    DEFAULT_CHUNK_ROWS,
-    HORIZONS,
-    MAX_EXPERTS,
-    MetaMergeError,
-    context_order,
-    expert_mean,
-    load_nino_mlp,
-    metamerge_tensor,
-)
-from mergewatch.numeric import release_freed_memory
-from mergewatch.strategies.nino_gnn import (
-    DEFAULT_CHUNK_EDGES,
-    LpeStore,
-    build_vit_graph,
-    estimate_bytes,
-    graph_plan,
-    graph_size,
-    load_nino_gnn,
-    metamerge_graph,
-    resize_conv,
-    vit_spec,
-)
-from mergewatch.strategies.techniques import is_finite_number
+from mergewatch.params import Param, ParamError
 
 FOLDS = ("none", "pairwise")
 SLOT0 = ("chained", "base")
 #: Role tables whose tensor naming MetaMerge knows (METAMERGE §4.3: only open_clip ViT is verified).
 TABLES = ("open_clip_full", "open_clip_visual")
 EXTENSION = "daemon extension, not from the NiNo paper or blog"
+
+#: the parameters both NiNo variants share (module docstring; ``MetaMergeGNN`` for the GNN's)
+SHARED_PARAMS = (
+    Param("checkpoint", str, "", "required: the local NiNo checkpoint (MLP: nino_mlp.pt or nino_mlp_h32.pt; GNN: nino_no_posw.pt); never downloaded", path=True),
+    Param("upd_scale", float, 2.5, "λ of the residual update (the reference's ViT value)", min=0.0),
+    Param("fold", str, "none", "pairwise: beyond 4 experts, merge(θ^m_{t−1}, θ_t) (daemon extension)", choices=FOLDS),
+    Param("slot0", str, "chained", "chained: the reference; base: slot 0 = θ0 at every horizon (daemon extension)", choices=SLOT0),
+)
+THREADS = Param("threads", int, 0, "worker threads (0: torch's thread count); the result does not depend on it", min=0)
 
 
 class MetaMerge(Strategy):
@@ -115,59 +108,27 @@ class MetaMerge(Strategy):
         "MetaMerge, bknyaz.github.io 2026-02-19"
     )
     requires_zs_init = True
-    defaults: ClassVar[dict[str, Any]] = {
-        "checkpoint": "",
-        "upd_scale": 2.5,
-        "fold": "none",
-        "slot0": "chained",
-        "chunk_rows": DEFAULT_CHUNK_ROWS,
-        "threads": 0,
-    }
-
-    #: parameters that are path strings (checked by ``_checked``)
-    path_params: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    param_defs = (
+        *SHARED_PARAMS,
+        Param("chunk_rows", int, DEFAULT_CHUNK_ROWS, "scalars per batch through the network (activations ≈ chunk_rows × H × 8 bytes per thread)", min=1),
+        THREADS,
+    )
 
     def __init__(self, params: Mapping[str, Any]):
-        merged = self._checked(params)
-        rows = self._integer(merged, "chunk_rows", 1, "a positive integer")
-        threads = merged["threads"]
+        super().__init__(params)
+        self.net = self._loaded("checkpoint", load_nino_mlp, self.params["checkpoint"])
+        self.upd_scale = self.params["upd_scale"]
+        self.fold = self.params["fold"]
+        self.chain = self.params["slot0"] == "chained"
+        self.chunk_rows = self.params["chunk_rows"]
+        self.threads = self.params["threads"]
+
+    def _loaded(self, key: str, load, *args: Any):
+        """``load(*args)``; its ValueError (a file that cannot serve) is blamed on parameter ``key``."""
         try:
-            self.net = load_nino_mlp(merged["checkpoint"])
+            return load(*args)
         except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from e
-        super().__init__(merged)
-        self.upd_scale = merged["upd_scale"]
-        self.fold = merged["fold"]
-        self.chain = merged["slot0"] == "chained"
-        self.chunk_rows = rows
-        self.threads = threads
-
-    def _checked(self, params: Mapping[str, Any]) -> dict:
-        """``params`` over the defaults, with the checks both NiNo variants share: no unknown names,
-        ``upd_scale`` ≥ 0, ``fold`` and ``slot0`` from their choices, ``threads`` ≥ 0, and the
-        ``path_params`` strings."""
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        merged = {**self.defaults, **params}
-        lam = merged["upd_scale"]
-        if not is_finite_number(lam) or float(lam) < 0.0:
-            raise ValueError(f"{self.name}: parameter 'upd_scale' must be a finite number >= 0, got {lam!r}")
-        merged["upd_scale"] = float(lam)
-        for key, allowed in (("fold", FOLDS), ("slot0", SLOT0)):
-            if merged[key] not in allowed:
-                raise ValueError(f"{self.name}: parameter '{key}' must be one of {', '.join(allowed)}, got {merged[key]!r}")
-        self._integer(merged, "threads", 0, "an integer >= 0 (0: torch's thread count)")
-        for key in self.path_params:
-            if not isinstance(merged[key], str):
-                raise ValueError(f"{self.name}: parameter '{key}' must be a path string, got {merged[key]!r}")
-        return merged
-
-    def _integer(self, merged: dict, key: str, lo: int, what: str) -> int:
-        v = merged[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{self.name}: parameter '{key}' must be {what}, got {v!r}")
-        return v
+            raise ParamError(self.name, key, str(e)) from e
 
     # Declarations ------------------------------------------------------------------------------
     def buffer_need(self) -> BufferNeed:
@@ -276,7 +237,7 @@ class MetaMergeGNN(MetaMerge):
     """NiNo-GNN MetaMerge (``deploy = "metamerge_gnn"``; METAMERGE §9): **opt-in, approximate and
     seeded**. Same steps, context order, chaining, A-set and ``fold``/``slot0`` options as
     ``metamerge``; the per-scalar MLP is replaced by message passing over the neural graph of the
-    open_clip ViT visual tower (``nino_gnn.py``), so tensors are no longer independent.
+    open_clip ViT visual tower (``mergewatch.nino.graph``), so tensors are no longer independent.
 
     How it streams. The engine feeds one tensor at a time, the GNN needs a whole graph. Pass 1
     ("collect") keeps the float32 inputs of the visual tower until a graph is complete (with
@@ -318,50 +279,30 @@ class MetaMergeGNN(MetaMerge):
     signs and the sampled edges all differ from the reference's own random draws."""
 
     name = "metamerge_gnn"
-    defaults: ClassVar[dict[str, Any]] = {
-        "checkpoint": "",
-        "upd_scale": 2.5,
-        "fold": "none",
-        "slot0": "chained",
-        "heads": 0,
-        "subgraph": False,
-        "edge_sample_ratio": 0.0,
-        "lpe": "",
-        "lpe_cache": "",
-        "chunk_edges": DEFAULT_CHUNK_EDGES,
-        "threads": 0,
-    }
-
-    path_params: ClassVar[tuple[str, ...]] = ("checkpoint", "lpe", "lpe_cache")
+    param_defs = (
+        *SHARED_PARAMS,
+        Param("heads", int, 0, "attention heads of the visual tower (0: width // 64; ViT-B/16: 12)", min=0),
+        Param("subgraph", bool, False, "true: one graph per transformer block (memory bounded by a block); false: the whole tower (published)"),
+        Param("edge_sample_ratio", float, 0.0, "fraction of edges aggregated per round, seeded from the step seed (0 or 1: every edge, deterministic; published: 0.2)", min=0.0, max=1.0),
+        Param("lpe", str, "", "pinned eigenvectors: a safetensors file with `lpe` (whole graph) or `lpe.block<b>` (per block); empty: computed once and cached", path=True),
+        Param("lpe_cache", str, "", "directory of computed eigenvectors (empty: $XDG_CACHE_HOME/mergewatch/nino-gnn-lpe)", path=True),
+        Param("chunk_edges", int, DEFAULT_CHUNK_EDGES, "edges per batch through the network", min=1),
+        THREADS,
+    )
 
     def __init__(self, params: Mapping[str, Any]):
-        merged = self._checked(params)
-        heads = self._integer(merged, "heads", 0, "an integer >= 0 (0: width // 64)")
-        if not isinstance(merged["subgraph"], bool):
-            raise ValueError(f"{self.name}: parameter 'subgraph' must be true or false, got {merged['subgraph']!r}")
-        ratio = merged["edge_sample_ratio"]
-        if not is_finite_number(ratio) or not 0.0 <= float(ratio) <= 1.0:
-            raise ValueError(f"{self.name}: parameter 'edge_sample_ratio' must be a number in [0, 1] (0: every edge), got {ratio!r}")
-        merged["edge_sample_ratio"] = float(ratio)
-        rows = self._integer(merged, "chunk_edges", 1, "a positive integer")
-        threads = merged["threads"]
-        try:
-            self.net = load_nino_gnn(merged["checkpoint"])
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from e
-        try:
-            self.lpe_store = LpeStore(merged["lpe"], merged["lpe_cache"] or default_lpe_cache())
-        except ValueError as e:
-            raise ValueError(f"{self.name}: {e}") from e
-        Strategy.__init__(self, merged)
-        self.upd_scale = merged["upd_scale"]
-        self.fold = merged["fold"]
-        self.chain = merged["slot0"] == "chained"
-        self.heads = heads
-        self.subgraph = merged["subgraph"]
-        self.edge_sample_ratio = merged["edge_sample_ratio"]
-        self.chunk_edges = rows
-        self.threads = threads
+        Strategy.__init__(self, params)
+        p = self.params
+        self.net = self._loaded("checkpoint", load_nino_gnn, p["checkpoint"])
+        self.lpe_store = self._loaded("lpe", LpeStore, p["lpe"], p["lpe_cache"] or default_lpe_cache())
+        self.upd_scale = p["upd_scale"]
+        self.fold = p["fold"]
+        self.chain = p["slot0"] == "chained"
+        self.heads = p["heads"]
+        self.subgraph = p["subgraph"]
+        self.edge_sample_ratio = p["edge_sample_ratio"]
+        self.chunk_edges = p["chunk_edges"]
+        self.threads = p["threads"]
 
     @property
     def stochastic(self) -> bool:

@@ -71,7 +71,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -83,7 +83,7 @@ from mergewatch.strategies.base import (
     TensorInputs,
     TensorMeta,
 )
-from mergewatch.strategies.techniques import check_choice, is_finite_number
+from mergewatch.params import Param, ParamError
 
 #: attention q, k, v (open_clip's fused ``in_proj_weight``: each row block is its own layer), the
 #: attention output projection and the first MLP matrix; open_clip and HF CLIP names. Not the
@@ -230,77 +230,38 @@ def nufilt_layer(
 
 
 # The strategy --------------------------------------------------------------------------------
-def _check_int(owner: str, key: str, v: Any, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{owner}: parameter '{key}' must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
-def _check_positive(owner: str, key: str, v: Any) -> float:
-    if not is_finite_number(v) or not float(v) > 0.0:
-        raise ValueError(f"{owner}: parameter '{key}' must be a finite number > 0, got {v!r}")
-    return float(v)
-
-
-def check_betas(owner: str, v: Any) -> list[float]:
-    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2 or not all(is_finite_number(x) and 0.0 <= float(x) < 1.0 for x in v):
-        raise ValueError(f"{owner}: parameter 'betas' must be two numbers in [0, 1), got {v!r}")
-    return [float(x) for x in v]
-
-
 class NuFILT(Strategy):
     """Null-space filtering continual merging (Qiu et al., ICLR 2026), SPEC §3.2; the equations and
     Decisions are in the module docstring.
 
-    Hyper-parameters (defaults are the paper's global setting): ``r_p`` = 128 (rank of Δ's protected
-    input subspace U), ``r_l`` = 64 (LoRA rank), ``r_v`` = 8 (rank of τ's principal subspace V1),
-    ``lr`` = 1e-3, ``steps`` = 50, ``betas`` = [0.9, 0.999], ``lora_std`` = 0.02 (A's init std),
-    ``select`` (regexes of the selected linear layers, ``re.search``), ``others`` = ``base`` | ``ta``,
-    ``svd`` = ``full`` | ``randomized``."""
+    Hyper-parameters: ``param_defs`` (the defaults are the paper's global setting)."""
 
     name = "nufilt"
     paper = "Qiu et al., ICLR 2026, 'Null-space filtering for data-free continual model merging' (NuFILT)"
     requires_zs_init = True
-    defaults: ClassVar[dict[str, Any]] = {
-        "r_p": 128,
-        "r_l": 64,
-        "r_v": 8,
-        "lr": 1e-3,
-        "steps": 50,
-        "betas": [0.9, 0.999],
-        "lora_std": 0.02,
-        "select": list(DEFAULT_SELECT),
-        "others": "base",
-        "svd": "full",
-    }
+    param_defs = (
+        Param("r_p", int, 128, "rank of Δ's protected input subspace U", min=1),
+        Param("r_l", int, 64, "LoRA rank", min=1),
+        Param("r_v", int, 8, "rank of τ's principal subspace V1", min=1),
+        Param("lr", float, 1e-3, "Adam learning rate of the LoRA fit", min=0.0, min_open=True),
+        Param("steps", int, 50, "Adam steps per layer", min=0),
+        Param("betas", list, (0.9, 0.999), "Adam betas", item=float, length=2, min=0.0, max=1.0, max_open=True),
+        Param("lora_std", float, 0.02, "standard deviation of A's initialisation", min=0.0, min_open=True),
+        Param("select", list, tuple(DEFAULT_SELECT), "regular expressions of the selected linear layers (re.search)", item=str),
+        Param("others", str, "base", "the mergeable tensors not selected: θ0 (stored as nothing), or the running average of the experts", choices=OTHERS),
+        Param("svd", str, "full", "SVD of Δ: exact, or randomized (seeded)", choices=SVD_METHODS),
+    )
 
     def __init__(self, params: Mapping[str, Any]):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        p = {**{k: (list(v) if isinstance(v, list) else v) for k, v in self.defaults.items()}, **params}
-        p["r_p"] = _check_int(self.name, "r_p", p["r_p"], 1)
-        p["r_l"] = _check_int(self.name, "r_l", p["r_l"], 1)
-        p["r_v"] = _check_int(self.name, "r_v", p["r_v"], 1)
-        p["steps"] = _check_int(self.name, "steps", p["steps"], 0)
-        p["lr"] = _check_positive(self.name, "lr", p["lr"])
-        p["lora_std"] = _check_positive(self.name, "lora_std", p["lora_std"])
-        p["betas"] = check_betas(self.name, p["betas"])
-        check_choice(self.name, "others", p["others"], OTHERS)
-        check_choice(self.name, "svd", p["svd"], SVD_METHODS)
-        sel = p["select"]
-        if isinstance(sel, (str, bytes)) or not isinstance(sel, Sequence) or not sel or not all(isinstance(s, str) for s in sel):
-            raise ValueError(f"{self.name}: parameter 'select' must be a non-empty list of regular expressions, got {sel!r}")
+        super().__init__(params)
         patterns = []
-        for s in sel:
+        for s in self.params["select"]:
             try:
                 patterns.append(re.compile(s))
             except re.error as e:
-                raise ValueError(f"{self.name}: parameter 'select' has an invalid regular expression {s!r}: {e}") from e
-        p["select"] = list(sel)
-        super().__init__(p)
+                raise ParamError(self.name, "select", f"parameter 'select' has an invalid regular expression {s!r}: {e}") from e
         self.patterns = patterns
-        self.others = p["others"]
+        self.others = self.params["others"]
 
     # Declarations ------------------------------------------------------------------------------
     def selected(self, meta: TensorMeta) -> bool:

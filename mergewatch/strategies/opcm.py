@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -78,7 +78,7 @@ from mergewatch.strategies.base import (
     TensorInputs,
     TensorMeta,
 )
-from mergewatch.strategies.techniques import is_finite_number, per_block
+from mergewatch.strategies.techniques import fraction, per_block
 
 
 def projection_rank(sigma: torch.Tensor, alpha: float) -> int:
@@ -274,19 +274,11 @@ class OPCM(Strategy):
     name = "opcm"
     paper = "Tang et al. 2025, 'Merging models on the fly without retraining: a sequential approach to scalable continual model merging' (OPCM)"
     requires_zs_init = True
-    defaults: ClassVar[dict[str, Any]] = {"alpha": 0.5}
+    param_defs = (fraction("alpha", 0.5, "share of the singular-value mass of Δ whose directions are protected (< 1: at 1 the rank depends on float rounding)"),)
 
     def __init__(self, params: Mapping[str, Any]):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        merged = {**self.defaults, **params}
-        a = merged["alpha"]
-        if not is_finite_number(a) or not 0.0 <= float(a) < 1.0:
-            raise ValueError(f"{self.name}: parameter 'alpha' must be a number in [0, 1), got {a!r} (at 1 the rank depends on float rounding)")
-        merged["alpha"] = float(a)
-        super().__init__(merged)
-        self.alpha = merged["alpha"]
+        super().__init__(params)
+        self.alpha = self.params["alpha"]
 
     # Declarations ------------------------------------------------------------------------------
     def state_sets(self, t: int) -> tuple[str, ...]:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from numbers import Real
 from typing import Any, ClassVar
 
 import torch
 
 from mergewatch.checkpoint.roles import Role, TensorRole
+from mergewatch.params import Declares, Param, ParamError, validate
 
 
 @dataclass
@@ -90,24 +90,18 @@ class PrepPass:
     finish: Callable[[dict[str, torch.Tensor], Mapping[str, Any]], dict[str, Any]]
 
 
-# Parameter checks ------------------------------------------------------------------------------
-def is_finite_number(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v))
+# Parameters ----------------------------------------------------------------------------------
+def fraction(name: str, default: float, doc: str, *, closed: bool = False) -> Param:
+    """A parameter in [0, 1) (or [0, 1] when ``closed``)."""
+    return Param(name, float, default, doc, min=0.0, max=1.0, max_open=not closed)
 
 
-def check_fraction(owner: str, key: str, v: Any, *, hi_inclusive: bool = False) -> float:
-    """``v`` in [0, 1) (or [0, 1]); a ValueError naming ``owner.key`` otherwise."""
-    ok = is_finite_number(v) and 0.0 <= float(v) and (float(v) <= 1.0 if hi_inclusive else float(v) < 1.0)
-    if not ok:
-        rng = "[0, 1]" if hi_inclusive else "[0, 1)"
-        raise ValueError(f"{owner}: parameter '{key}' must be a number in {rng}, got {v!r}")
-    return float(v)
-
-
-def check_choice(owner: str, key: str, v: Any, allowed: Sequence[str]) -> str:
-    if v not in allowed:
-        raise ValueError(f"{owner}: parameter '{key}' must be one of {list(allowed)}, got {v!r}")
-    return v
+MERGE_MODES = ("mean", "sum", "max")
+#: TIES-family parameters, shared by the presets and continual TIES (``params.with_defaults``)
+P_DROP = fraction("p", 0.8, "fraction of each task vector pruned (smallest magnitudes)")
+MERGE = Param("merge", str, "mean", "how the entries agreeing with the elected sign are combined", choices=MERGE_MODES)
+DARE_P = replace(P_DROP, default=0.7, doc="DARE's drop probability of each entry (the survivors are rescaled by 1/(1 − p))")
+TRIM = Param("trim", str, "tensor", "scope of the magnitude trim: each tensor (fused q/k/v blocks apart) or all mergeable tensors (exact)", choices=("tensor", "global"))
 
 
 def exact_fraction(v: float | Fraction) -> Fraction:
@@ -123,24 +117,23 @@ def exact_floor(frac: float | Fraction, n: int) -> int:
 
 
 # Base class ----------------------------------------------------------------------------------
-class Technique:
+class Technique(Declares):
+    """Subclasses set ``name``, ``paper`` and ``param_defs`` (the hyper-parameters, each a config
+    option; ``defaults`` is derived from them)."""
+
     name: ClassVar[str]
     paper: ClassVar[str] = ""
     #: True for techniques whose result is θ0 + λ·τ_merged (TA, TIES, DARE, Breadcrumbs, MagMax):
     #: these accept LiNeS and Weight Weaving.
     lambda_scaled: ClassVar[bool] = False
-    #: the hyper-parameters and their defaults (every key is a config option)
-    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **params: Any):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise TypeError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        self.params = {**self.defaults, **params}
+        self.params = validate(params, self.param_defs, self.name)
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the parameter for an out-of-range value."""
+        """Checks across parameters (each parameter alone is checked by its declaration): a
+        ``ParamError`` naming them."""
 
     def describe(self) -> dict:
         """Name, paper and hyper-parameters (for MANIFEST.json)."""
@@ -207,7 +200,6 @@ class TaskArithmetic(Technique):
 
 
 # TIES family: sparsify each τ_i, elect a sign per coordinate, disjoint merge --------------------
-MERGE_MODES = ("mean", "sum", "max")
 
 
 #: Elementwise TIES steps run over flat slices of this many entries, so that their temporaries
@@ -319,9 +311,6 @@ class SignElectedMerge(Technique):
 
     lambda_scaled = True
 
-    def validate(self) -> None:
-        check_choice(self.name, "merge", self.params["merge"], MERGE_MODES)
-
     def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
@@ -375,13 +364,7 @@ class TIES(SignElectedMerge):
 
     name = "ties"
     paper = "Yadav et al., NeurIPS 2023, 'TIES-Merging: resolving interference when merging models'"
-    defaults = {"p": 0.8, "merge": "mean", "trim": "tensor"}
-    TRIMS = ("tensor", "global")
-
-    def validate(self) -> None:
-        super().validate()
-        check_fraction(self.name, "p", self.params["p"])
-        check_choice(self.name, "trim", self.params["trim"], self.TRIMS)
+    param_defs = (P_DROP, MERGE, TRIM)
 
     def task_merge(self, x: MergeInputs) -> torch.Tensor:
         return self._merge_owned(x, x.task_vectors())
@@ -476,11 +459,7 @@ class DARETIES(SignElectedMerge):
 
     name = "dare_ties"
     paper = "Yu et al., ICML 2024, 'Language models are Super Mario' (DARE) + Yadav et al., NeurIPS 2023 (TIES)"
-    defaults = {"p": 0.7, "merge": "mean"}
-
-    def validate(self) -> None:
-        super().validate()
-        check_fraction(self.name, "p", self.params["p"])
+    param_defs = (DARE_P, MERGE)
 
     def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         p = float(self.params["p"])
@@ -494,10 +473,7 @@ class DARETaskArithmetic(Technique):
     name = "dare_ta"
     paper = "Yu et al., ICML 2024, 'Language models are Super Mario' (DARE) + Ilharco et al., ICLR 2023 (TA)"
     lambda_scaled = True
-    defaults = {"p": 0.7}
-
-    def validate(self) -> None:
-        check_fraction(self.name, "p", self.params["p"])
+    param_defs = (DARE_P,)
 
     def task_merge(self, x: MergeInputs) -> torch.Tensor:
         p = float(self.params["p"])
@@ -536,14 +512,16 @@ class Breadcrumbs(SignElectedMerge):
 
     name = "breadcrumbs"
     paper = "Davari & Belilovsky, ECCV 2024, 'Model Breadcrumbs: scaling multi-task model merging with sparse masks'"
-    defaults = {"beta": 0.7, "gamma": 0.01, "merge": "mean"}
+    param_defs = (
+        fraction("beta", 0.7, "fraction of each row dropped from the bottom (smallest magnitudes)"),
+        fraction("gamma", 0.01, "fraction of each row dropped from the top (outliers); beta + gamma < 1"),
+        MERGE,
+    )
 
     def validate(self) -> None:
-        super().validate()
-        b = check_fraction(self.name, "beta", self.params["beta"])
-        g = check_fraction(self.name, "gamma", self.params["gamma"])
+        b, g = self.params["beta"], self.params["gamma"]
         if exact_fraction(b) + exact_fraction(g) >= 1:
-            raise ValueError(f"{self.name}: parameters 'beta' + 'gamma' must be < 1, got {b} + {g}")
+            raise ParamError(self.name, ("beta", "gamma"), f"parameters 'beta' + 'gamma' must be < 1, got {b} + {g}")
 
     def sparsify(self, x: MergeInputs, taus: list[torch.Tensor]) -> list[torch.Tensor]:
         b, g = self.params["beta"], self.params["gamma"]
@@ -606,10 +584,7 @@ class SLERP(Technique):
 
     name = "slerp"
     paper = "Shoemake, SIGGRAPH 1985; TIME (Dziadzio et al., CVPR 2025)"
-    defaults = {"c": 0.5}
-
-    def validate(self) -> None:
-        check_fraction(self.name, "c", self.params["c"], hi_inclusive=True)
+    param_defs = (fraction("c", 0.5, "two models: weight of the second", closed=True),)
 
     def _steps(self, x: MergeInputs) -> list[float]:
         """The interpolation weight of each model k ≥ 2 in the fold."""
@@ -673,17 +648,22 @@ class ModelStock(Technique):
 
 # LiNeS, recency weights ------------------------------------------------------------------------
 LINES_VARIANTS = ("linear", "quadratic", "sqrt")
+#: LiNeS' parameters ([policy.lines])
+LINES_PARAMS = (
+    Param("alpha", float, 0.5, "λ of the shallowest block and of tensors outside blocks", min=0.0),
+    Param("beta", float, 0.5, "added λ at the deepest block", min=0.0),
+    Param("variant", str, "linear", "f in alpha + beta·f(ℓ/(L − 1))", choices=LINES_VARIANTS),
+)
 
 
-def lines_scale(block_index: int | None, n_blocks: int, alpha: float = 0.5, beta: float = 0.5, variant: str = "linear") -> float:
+def lines_scale(block_index: int | None, n_blocks: int, **params: float | str) -> float:
     """LiNeS (Wang et al., ICLR 2025): the λ of a tensor in transformer block ℓ is
     s(ℓ) = α + β·f(ℓ/(L − 1)) with f = identity, square or square root; tensors outside blocks
     (``block_index`` None) get α. With L = 1 the single block has ℓ/(L − 1) := 0 (it is the first
-    block: scaled like the shallowest layer). s replaces λ; it does not multiply it (SPEC §1.2)."""
-    check_choice("lines", "variant", variant, LINES_VARIANTS)
-    for key, v in (("alpha", alpha), ("beta", beta)):
-        if not is_finite_number(v):
-            raise ValueError(f"lines: parameter '{key}' must be a finite number, got {v!r}")
+    block: scaled like the shallowest layer). s replaces λ; it does not multiply it (SPEC §1.2).
+    ``params``: ``alpha``, ``beta``, ``variant`` (``LINES_PARAMS``)."""
+    p = validate(params, LINES_PARAMS, "lines")
+    alpha, beta, variant = p["alpha"], p["beta"], p["variant"]
     if block_index is None:
         return float(alpha)
     if not 0 <= block_index < n_blocks:
@@ -706,13 +686,15 @@ RECENCY_SCHEMES = (
     "exp",
     *(f"reverse_{s}" for s in (*_RECENCY, "exp") if s != "uniform"),
 )
+#: the ALL merge's weights with WA (a TIME parameter)
+WEIGHTS = Param("weights", str, "uniform", "ALL merge with WA: weight of expert i (oldest = 1) ∝ 1, i, √i, i², i³, ln(i + 1), 2^(i−1); reverse_*: oldest weighs most", choices=RECENCY_SCHEMES)
 
 
 def recency_weights(n: int, scheme: str = "uniform") -> list[float]:
     """Weights for n experts oldest → newest (i = 1..n), normalised to sum 1 (SPEC §1): ``uniform``,
     ``linear`` i, ``sqrt`` √i, ``quadratic`` i², ``cubic`` i³, ``exp`` 2^{i−1}, ``log`` ln(i+1), and
     ``reverse_<scheme>`` (the same weights for the reversed order: the oldest weighs most)."""
-    check_choice("recency", "weights", scheme, RECENCY_SCHEMES)
+    WEIGHTS.check(scheme, "recency")
     if n < 1:
         raise ValueError(f"recency weights need n >= 1, got {n}")
     base = scheme.removeprefix("reverse_")

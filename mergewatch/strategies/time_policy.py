@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mergewatch.params import Param, validate
 from mergewatch.strategies.base import (
     BufferNeed,
     Pass,
@@ -32,7 +33,7 @@ from mergewatch.strategies.base import (
     TensorMeta,
     ViewSource,
 )
-from mergewatch.strategies.techniques import MergeInputs, Technique, lines_scale, recency_weights
+from mergewatch.strategies.techniques import LINES_PARAMS, WEIGHTS, MergeInputs, Technique, lines_scale, recency_weights
 
 INITS = ("zs", "ft", "ema", "all")
 DEPLOYS = ("ft", "ema", "all")
@@ -45,22 +46,35 @@ def valid_combination(init: str, deploy: str) -> bool:
 
 
 class TimePolicy(Strategy):
+    """``params``: ``init``, ``deploy``, the declared ``param_defs`` (written in ``[policy]``) and
+    ``lines`` (LiNeS' parameters, ``techniques.LINES_PARAMS``; absent: one λ)."""
+
     name = "time"
     paper = "Dziadzio et al., CVPR 2025, 'How to merge your multimodal models over time?'"
+    param_defs = (
+        Param("w", float, 0.5, "EMA: weight of the new expert (WA, SLERP)", min=0.0, max=1.0),
+        Param("ema_seed", str, "zs", "EMA start: θ^EMA_0 = θ0 (zs) or θ^EMA_1 = θ_1 (first)", choices=EMA_SEEDS),
+        Param("lambda", float, 1.0, "λ of the λ-scaled techniques (TA, TIES, DARE-*, Breadcrumbs, MagMax)", min=0.0),
+        WEIGHTS,
+        Param("include_base", bool, False, "ALL merge: θ0 as the oldest member"),
+    )
 
     def __init__(self, params: Mapping[str, Any], technique: Technique):
-        super().__init__(params)
+        # ``params`` as written (describe() and the resume check record exactly these), checked
+        self.params = dict(params)
         self.init = params["init"]
         self.deploy = params["deploy"]
         if not valid_combination(self.init, self.deploy):
             raise ValueError(f"invalid TIME combination init={self.init!r} deploy={self.deploy!r}")
         self.technique = technique
-        self.w = float(params.get("w", 0.5))
-        self.ema_seed = params.get("ema_seed", "zs")
-        self.lam = float(params.get("lambda", 1.0))
-        self.weights = params.get("weights", "uniform")
-        self.include_base = bool(params.get("include_base", False))
-        self.lines: dict | None = params.get("lines")
+        own = validate({k: v for k, v in params.items() if k not in ("init", "deploy", "lines")}, self.param_defs, self.name)
+        self.w = own["w"]
+        self.ema_seed = own["ema_seed"]
+        self.lam = own["lambda"]
+        self.weights = own["weights"]
+        self.include_base = own["include_base"]
+        lines = params.get("lines")
+        self.lines: dict | None = None if lines is None else validate(lines, LINES_PARAMS, "lines")
         self.jobs = tuple(j for j in ("ema", "all") if j in (self.init, self.deploy))
 
     # Declarations ------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ With A alone, ``avg`` is TA-style scaling by mean(Λ): the raw deltas are what m
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from mergewatch.strategies.techniques import MergeInputs, PrepPass, Technique, is_finite_number, check_choice, magmax_select
+from mergewatch.params import Param
+from mergewatch.strategies.techniques import TECHNIQUES, MergeInputs, PrepPass, Technique, magmax_select
 
 POOLS = ("avg", "random", "magmax")
 #: Λ = linspace(0.1, 1.0, 10), and linspace(0.1, 1.8, 18) for TIES / DARE-TIES (SPEC §2), written
@@ -33,31 +34,24 @@ def default_lambdas(inner_name: str) -> tuple[float, ...]:
 class WeightWeaving(Technique):
     """θ0 + Pool({λ·τ_m : λ ∈ Λ} ∪ {τ_1..τ_n}) around an inner λ-scaled technique.
 
-    Parameters: ``pool`` (``avg`` | ``random`` | ``magmax``, default ``avg``), ``include_deltas``
-    (default True), ``lambdas`` (default None = the inner technique's default Λ; sorted ascending).
+    Parameters: ``param_defs`` (``lambdas`` None = the inner technique's default Λ; sorted ascending).
     ``MergeInputs.lam`` is not used: the λ grid replaces the single λ. ``random`` pooling draws one
     member index per coordinate from ``generator("weave", -1)``."""
 
     name = "weaving"
     paper = "Chaves, Valle & Avila, 2025 (Weight Weaving: parameter pooling over the λ search space)"
-    defaults = {"pool": "avg", "include_deltas": True, "lambdas": None}
+    param_defs = (
+        Param("pool", str, "avg", "how the pooled set is combined per coordinate", choices=POOLS),
+        Param("include_deltas", bool, True, "pool the task vectors τ_i too (A*), not only {λ·τ_m}"),
+        Param("lambdas", list, None, "the λ grid Λ; unset: 0.1..1.0 by 0.1 (TIES, DARE-TIES: 0.1..1.8)", item=float, min=0.0),
+    )
 
     def __init__(self, inner: Technique, **params: Any):
         if not isinstance(inner, Technique) or not inner.lambda_scaled:
-            raise ValueError(
-                f"weaving: the inner technique must be λ-scaled (ta, ties, dare_ties, dare_ta, breadcrumbs, magmax), got {getattr(inner, 'name', inner)!r}"
-            )
+            scaled = ", ".join(n for n, cls in TECHNIQUES.items() if cls.lambda_scaled)
+            raise ValueError(f"weaving: the inner technique must be λ-scaled ({scaled}), got {getattr(inner, 'name', inner)!r}")
         self.inner = inner
         super().__init__(**params)
-
-    def validate(self) -> None:
-        check_choice(self.name, "pool", self.params["pool"], POOLS)
-        if not isinstance(self.params["include_deltas"], bool):
-            raise ValueError(f"{self.name}: parameter 'include_deltas' must be true or false, got {self.params['include_deltas']!r}")
-        lams = self.params["lambdas"]
-        if lams is not None:
-            if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or not lams or not all(is_finite_number(v) for v in lams):
-                raise ValueError(f"{self.name}: parameter 'lambdas' must be a non-empty list of finite numbers, got {lams!r}")
 
     @property
     def lambdas(self) -> list[float]:

@@ -46,7 +46,7 @@ Choices where the spec leaves room (tested in ``tests/test_wudi.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -59,7 +59,9 @@ from mergewatch.strategies.base import (
     TensorInputs,
     TensorMeta,
 )
-from mergewatch.strategies.techniques import check_choice, is_finite_number, per_block
+from mergewatch.params import Param
+from mergewatch.strategies.techniques import per_block
+from mergewatch.views import VIEWS
 
 SOLVERS = ("adam", "exact")
 ADAM_BETAS = (0.9, 0.999)
@@ -242,38 +244,28 @@ def _require_2d(role: TensorRole, x: torch.Tensor) -> None:
 # The strategy --------------------------------------------------------------------------------
 class WUDI(Strategy):
     """WUDI-Merging (Cheng et al., ICML 2025), SPEC §3.3; equations and Decisions in the module
-    docstring. Hyper-parameters: ``solver`` = ``adam`` (reference paired continual form, default) |
-    ``exact`` (closed form over all experts); ``lr`` = 1e-5 and ``steps`` = 50 (Adam);
-    ``rcond`` = 1e-5 (pseudo-inverse tolerance of the exact solver, relative to λ_max(A))."""
+    docstring. Hyper-parameters: ``param_defs``."""
 
     name = "wudi"
     paper = "Cheng et al., ICML 2025, 'Whoever started the interference should end it: guiding data-free model merging via task vectors' (WUDI-Merging)"
     requires_zs_init = True
-    defaults: ClassVar[dict[str, Any]] = {"solver": "adam", "lr": 1e-5, "steps": 50, "rcond": 1e-5}
+    param_defs = (
+        Param("solver", str, "adam", "adam: the reference's paired continual form; exact: closed form over all experts", choices=SOLVERS),
+        Param("lr", float, 1e-5, "Adam learning rate", min=0.0, min_open=True),
+        Param("steps", int, 50, "Adam steps per layer", min=0),
+        Param("rcond", float, 1e-5, "exact solver: pseudo-inverse tolerance, relative to λ_max(A)", min=0.0, max=1.0, min_open=True, max_open=True),
+    )
 
     def __init__(self, params: Mapping[str, Any]):
-        unknown = set(params) - set(self.defaults)
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; allowed: {sorted(self.defaults)}")
-        p = {**self.defaults, **params}
-        check_choice(self.name, "solver", p["solver"], SOLVERS)
-        if not is_finite_number(p["lr"]) or not float(p["lr"]) > 0.0:
-            raise ValueError(f"{self.name}: parameter 'lr' must be a finite number > 0, got {p['lr']!r}")
-        steps = p["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{self.name}: parameter 'steps' must be an integer >= 0, got {steps!r}")
-        if not is_finite_number(p["rcond"]) or not 0.0 < float(p["rcond"]) < 1.0:
-            raise ValueError(f"{self.name}: parameter 'rcond' must be a number in (0, 1), got {p['rcond']!r}")
-        p["lr"], p["rcond"] = float(p["lr"]), float(p["rcond"])
-        super().__init__(p)
-        self.solver = p["solver"]
+        super().__init__(params)
+        self.solver = self.params["solver"]
 
     # Declarations ------------------------------------------------------------------------------
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("merged",) if self.solver == "adam" else ("A", "B", "mean")
 
     def sink_shape(self, sink: str, meta: TensorMeta) -> tuple[int, ...] | None:
-        if sink in ("deploy", "init"):
+        if sink in VIEWS:
             return meta.shape
         if not meta.role.mergeable:
             return None

@@ -5,8 +5,14 @@ known), ``steps`` (one row per merge step), ``versions`` (published versions per
 ``evaluations`` and ``events`` (an append-only log of every state change). The schema is versioned
 with ``PRAGMA user_version`` and upgraded by the ordered ``MIGRATIONS`` on open.
 
-Only the daemon's main loop writes (one connection, one thread); readers (``mergewatch status``)
-open their own connection, which WAL lets them do while the daemon writes.
+A library beside the workspace, not part of the daemon: it imports only the standard library (the
+light CLI verbs use it without torch). Who writes, one writer at a time: the workspace's bookkeeping
+(``Workspace.merge_row``, ``record_merge``, ``reconcile``: a step's rows are written there only) on
+behalf of the daemon's loop or the batch CLI (``mergewatch merge``/``eval``), the evaluation book
+(``eval/book.py``) for evaluations and gate decisions, and the light verbs ``promote`` and
+``rollback`` for one event or version row each. Readers (``mergewatch status``, ``mergewatch
+report``) use :meth:`Ledger.snapshot`: a read-only connection whose reads all happen in one read
+transaction, a consistent state that WAL lets them see while a writer goes on.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 STATUSES = ("queued", "merging", "merged", "rejected", "duplicate")
 
@@ -120,6 +128,21 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    @classmethod
+    @contextmanager
+    def snapshot(cls, path: str | Path) -> Iterator["Ledger"]:
+        """The ledger opened read-only, every read inside one read transaction: one consistent
+        state, while a writer may go on (WAL). Closed on exit; its write methods fail."""
+        led = cls(path, readonly=True)
+        try:
+            led.db.execute("BEGIN")  # deferred: the snapshot is taken at the first read
+            try:
+                yield led
+            finally:
+                led.db.execute("COMMIT")
+        finally:
+            led.close()
 
     # Schema ----------------------------------------------------------------------------------
     @property

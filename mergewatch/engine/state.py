@@ -1,10 +1,11 @@
 """Committed strategy state: ``state/<t>/`` directories written atomically (DESIGN §3.3).
 
 A step's directory holds ``state.json`` (strategy fingerprint, t, expert ids, JSON meta, content
-hashes of the tensor sets and views) beside the tensor sets and views written by the engine. It is
-produced in ``state/.staging/`` and renamed into place only when complete, so the newest directory
-with a ``state.json`` is always a complete, durable state; a later step is resumed from it exactly
-(sets are float32, so a resumed run is bit-identical to an uninterrupted one).
+hashes of the tensor sets and views) beside the tensor sets and views written by
+``steps.run_step``. It is produced in ``state/.staging/`` and renamed into place only when
+complete, so the newest directory with a ``state.json`` is always a complete, durable state; a
+later step is resumed from it exactly (sets are float32, so a resumed run is bit-identical to an
+uninterrupted one).
 
 ``state/<t>/prepared/`` (optional, added atomically after the step is committed) holds the sets a
 strategy prepared ahead from that state for step t+1 (``prepared.json`` + ``sets/<name>/``). It
