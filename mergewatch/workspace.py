@@ -378,7 +378,7 @@ class Workspace:
         if sha in merged:  # committed before a crash: only the ledger is behind
             step = merged.index(sha) + 1
             self.publish(step)
-            self.ledger.set_status(row.seq, "merged", step=step)
+            self._catch_up(row.seq, merged, step)
             return StepOutcome("caught_up", sha, row.name, step)
         crash_point("before_claim")
         if not self.store.has(sha):
@@ -424,7 +424,7 @@ class Workspace:
         for row in self.ledger.experts("merging"):
             if row.id in merged:
                 step = merged.index(row.id) + 1
-                self.ledger.set_status(row.seq, "merged", step=step)
+                self._catch_up(row.seq, merged, step)
                 out.append((row.seq, row.id, step))
         known = {e.id for e in self.ledger.experts("merged")}
         names = snap.record.get("expert_names", [])
@@ -434,6 +434,16 @@ class Workspace:
                 versions = {v: pub.find(publish_key(merged, t)) for v, pub in self.publishers.items()}
                 out.append((self._record_merged(StepOutcome("merged", sha, name, t, versions), name, {}), sha, t))
         return out
+
+    def _catch_up(self, seq: int, merged: list[str], step: int) -> None:
+        """The rows of a step committed and published before a crash left the ledger behind (e.g.
+        a kill at ``after_step``): ``step_done`` with the versions its publish key finds (so the
+        version is booked and gets evaluated), then ``merged``. Idempotent."""
+        versions = {v: pub.find(publish_key(merged, step)) for v, pub in self.publishers.items()}
+        contents = {v: self.publishers[v].manifest(n).get("content_sha256") for v, n in versions.items() if n is not None}
+        seconds = float(self.states.load(step).record.get("seconds", 0.0)) if step in self.states.steps() else 0.0
+        self.ledger.step_done(step, merge_seconds=seconds, versions=versions, contents=contents)
+        self.ledger.set_status(seq, "merged", step=step)
 
     def reject_row(self, row: ExpertRow, reason_class: str, reason: str, problems: list[str] | None = None) -> StepOutcome:
         """Mark a row rejected, keeping the full reason, its class and every problem."""

@@ -14,7 +14,7 @@ from mergewatch.checkpoint.hashing import content_sha256
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.daemon.inbox import submit
 from mergewatch.workspace import Workspace
-from tests.daemon_support import DaemonProcess, ledger_rows, wait_for, write_config
+from tests.daemon_support import DaemonProcess, ledger_rows, read_ledger, wait_for, write_config
 from tests.helpers import make_expert, make_open_clip_base
 
 POINTS = ["before_claim", "after_claim", "mid_step", "after_commit", "mid_publish", "after_step"]
@@ -101,6 +101,10 @@ def test_sigkill_anywhere_loses_nothing_and_repeats_nothing(tmp_path):
     _check_published(ws_dir / "init")
     steps = [json.loads((ws_dir / "deploy" / str(v) / "MANIFEST.json").read_text())["step"] for v in deploy_versions]
     assert steps == list(range(1, n + 1)), "one published version per step, never two"
+    # the ledger knows every step's publication, also of a step killed before its rows (after_step)
+    books = read_ledger(ws_dir, lambda led: (led.steps(limit=1000), led.db.execute("SELECT version FROM versions WHERE view='deploy'").fetchall()))
+    assert sorted((s["step"], s["deploy_version"]) for s in books[0] if s["published_at"]) == list(zip(range(1, n + 1), deploy_versions))
+    assert sorted(v[0] for v in books[1]) == deploy_versions
 
     # the uninterrupted run, in process, same experts in the same order
     ref_dir = tmp_path / "ref"

@@ -274,6 +274,7 @@ class Daemon:
             self._in_step = False
         if outcome.status == "rejected":
             if outcome.reason_class == "vanished":
+                self.metrics.count_expert("rejected", "vanished")
                 log.error("lost")
                 return
             self.metrics.count_expert("rejected", outcome.reason_class)
