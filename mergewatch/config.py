@@ -35,7 +35,7 @@ from mergewatch.params import ENABLED, Param, ParamError, by_name, coerce, insid
 
 @dataclass(frozen=True)
 class ModelSettings:
-    architecture: str = "auto"  # auto | open_clip_full | open_clip_visual | hf_clip_vision | generic | path
+    architecture: str = "auto"  # auto | open_clip_full | open_clip_visual | hf_clip_vision | bert | generic | path
     roles: tuple = ()  # extra rules tried first: [{pattern, role, blocks?, ndim?}]
     dtype_policy: str = "float_cast"  # strict | float_cast
     #: the model's configuration, copied into every published version (a bare open_clip model config

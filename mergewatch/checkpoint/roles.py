@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch only in annotations: config checks role tables withou
     import torch
 
 TABLE_DIR = Path(__file__).with_name("roles")
-DETECTION_ORDER = ("open_clip_full", "open_clip_visual", "hf_clip_vision", "generic")
+DETECTION_ORDER = ("open_clip_full", "open_clip_visual", "hf_clip_vision", "bert", "generic")
 
 
 class Role(str, Enum):
