@@ -1,4 +1,4 @@
-"""Command line: ``mergewatch run | merge | submit | status | rollback | promote | eval | report | demo``
+"""Command line: ``mergewatch run | merge | submit | status | rollback | promote | eval | report | demo | bench``
 (DESIGN §3.6).
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key), 1 anything else
@@ -383,6 +383,16 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts, cli_main=main)
 
 
+def cmd_bench_quality(args) -> int:
+    from mergewatch.quality.protocol import run_quality, results_markdown
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    res = run_quality(suite=args.suite, out=Path(args.out), n_tasks=args.tasks, orders=args.orders, seed=args.seed,
+                      methods=methods, extra_tasks=args.extra_task, quick=args.quick)
+    print(results_markdown(res), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mergewatch", description="Continual model merging: merge experts as they arrive and publish the result.")
     p.add_argument("--version", action="version", version=f"mergewatch {__version__}")
@@ -442,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="where to put the demo (default: ./demo-workspace)")
     d.add_argument("--experts", type=int, default=3)
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: 'bench quality' runs the continual-merging protocol on real tasks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="fine-tune experts per task, merge them in seeded orders with each method, report ACC/BWT")
+    q.add_argument("--suite", required=True, help="task suite: text (glyph: not implemented yet)")
+    q.add_argument("--tasks", type=int, help="the first N tasks of the suite (default: all; --quick: 3 small ones)")
+    q.add_argument("--orders", type=int, default=3, help="seeded task orders per method (default 3)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the task orders and workspaces")
+    q.add_argument("--methods", help="comma-separated methods (deploy names, or ema_wa for TIME ema/ema WA)")
+    q.add_argument("--extra-task", action="append", default=[], metavar="DIR", help="a task directory of your own (repeatable)")
+    q.add_argument("--out", default="quality-results", help="output directory (results.json, results.md)")
+    q.add_argument("--quick", action="store_true", help="3 small tasks, capped test splits, short fine-tuning (minutes on a laptop)")
+    q.set_defaults(func=cmd_bench_quality)
     return p
 
 
