@@ -50,6 +50,18 @@ RECIPE_VERSION = 1
 
 
 # Formatting ------------------------------------------------------------------------------------
+def bound_bytes(largest: int) -> int:
+    """The foundation issue's memory goal for one step: 6 × the largest single tensor + 64 MiB."""
+    return 6 * largest + 64 * MiB
+
+
+def workspace_settings(args: dict, seed: int = 0):
+    """Settings of a benchmark workspace: ``args`` names ``workspace``, ``base`` and ``policy``."""
+    from mergewatch import config
+
+    return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": seed, "policy": args["policy"]})
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None:
         return "-"

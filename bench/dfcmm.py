@@ -57,6 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    bound_bytes,
+    workspace_settings,
     MiB,
     OUT_DIR,
     ModelSpec,
@@ -99,18 +101,7 @@ NO_PREPARE = {"opcm-inline", "nufilt-full-inline"}
 GOAL_SPEEDUP = {"opcm": 3.0, "nufilt-full": 3.0, "nufilt-rand": 3.0}
 
 
-def bound_bytes(largest: int) -> int:
-    """The foundation issue's memory goal for one step: 6 × the largest single tensor + 64 MiB."""
-    return 6 * largest + 64 * MiB
-
-
 # Ours ------------------------------------------------------------------------------------------
-def _settings(args: dict):
-    from mergewatch import config
-
-    return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": SEED, "policy": args["policy"]})
-
-
 def _threads(args: dict) -> None:
     """Set the torch thread count, and pay torch.optim's one-time lazy import before the baseline:
     the first optimizer imports torch._dynamo (sympy, ~900 modules, ~76 MiB of private memory),
@@ -129,7 +120,7 @@ def worker_setup(args: dict, meter) -> dict:
 
     _threads(args)
     shutil.rmtree(args["workspace"], ignore_errors=True)
-    ws = Workspace(_settings(args))
+    ws = Workspace(workspace_settings(args, SEED))
     t = time.perf_counter()
     out = ws.merge(args["expert"], name="expert-1")
     return {"seconds": time.perf_counter() - t, "status": out.status, "expert_id": out.expert_id}
@@ -140,7 +131,7 @@ def worker_ours(args: dict, meter) -> dict:
     from mergewatch.workspace import Workspace
 
     _threads(args)
-    ws = Workspace(_settings(args))
+    ws = Workspace(workspace_settings(args, SEED))
     meter.baseline()
     if args.get("prepare", True) and ws.prepare_due():  # OPCM: the SVDs of S_1, done ahead by the daemon while it waits for expert 2
         with meter.phase("prepare"):

@@ -22,14 +22,21 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OUT_DIR, ModelSpec, ensure_lowrank_checkpoints, fmt_bytes, fmt_table, run_worker  # noqa: E402
+from common import (  # noqa: E402
+    OUT_DIR,
+    ModelSpec,
+    bound_bytes,
+    ensure_lowrank_checkpoints,
+    fmt_bytes,
+    fmt_table,
+    run_worker,
+    workspace_settings,
+)
 
-MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
 NINO = REPO.parent / "shared" / "nino" / "checkpoints"
 REFERENCE = "time ema/ema wa"
@@ -38,10 +45,6 @@ NEEDS = {
     "metamerge": {"checkpoint": NINO / "nino_mlp.pt"},
     "metamerge_gnn": {"checkpoint": NINO / "nino_no_posw.pt", "heads": 2, "subgraph": True},
 }
-
-
-def bound_bytes(largest: int) -> int:
-    return 6 * largest + 64 * MiB
 
 
 def cases() -> dict[str, dict]:
@@ -54,26 +57,10 @@ def cases() -> dict[str, dict]:
     return out
 
 
-def _settings(args: dict):
-    from mergewatch import config
-
-    return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": 0, "policy": args["policy"]})
-
-
-def worker_setup(args: dict, meter) -> dict:
-    from mergewatch.workspace import Workspace
-
-    shutil.rmtree(args["workspace"], ignore_errors=True)
-    ws = Workspace(_settings(args))
-    t = time.perf_counter()
-    ws.merge(args["experts"][0], name="expert-1")
-    return {"seconds": time.perf_counter() - t}
-
-
 def worker_step(args: dict, meter) -> dict:
     from mergewatch.workspace import Workspace
 
-    ws = Workspace(_settings(args))
+    ws = Workspace(workspace_settings(args))
     _, report = ws.validate(args["experts"][1])
     ws.store.claim(args["experts"][1], report.content_sha256)
     meter.baseline()
@@ -104,7 +91,7 @@ def main(argv=None) -> int:
             continue
         ws = OUT_DIR / "methods" / name.replace(" ", "_").replace("/", "-")
         args = {"workspace": str(ws), "base": str(models["base"]), "policy": todo[name], "experts": [str(p) for p in models["experts"]]}
-        run_worker("methods:worker_setup", args)
+        run_worker("streaming:worker_setup", {**args, "expert": args["experts"][0]})  # fresh workspace, expert 1 merged
         r = run_worker("methods:worker_step", args)
         phase = r["phases"]["step"]
         res["cases"][name] = {"seconds": phase["seconds"], "peak": phase["peak_private"], "merge_seconds": r["result"]["merge_seconds"]}

@@ -38,6 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    bound_bytes,
+    workspace_settings,
     MiB,
     clone_tree,
     OUT_DIR,
@@ -65,24 +67,13 @@ POLICIES = {
 }
 
 
-def bound_bytes(largest: int) -> int:
-    """The issue's memory goal for one step: 6 x the largest single tensor + 64 MiB."""
-    return 6 * largest + 64 * MiB
-
-
 # Workers (each runs in a fresh interpreter via common.run_worker) --------------------------------
-def _settings(args: dict):
-    from mergewatch import config
-
-    return config.parse({"workspace": args["workspace"], "base": args["base"], "seed": 0, "policy": args["policy"]})
-
-
 def worker_setup(args: dict, meter) -> dict:
     """Fresh workspace with expert 1 merged (not measured for memory)."""
     from mergewatch.workspace import Workspace
 
     shutil.rmtree(args["workspace"], ignore_errors=True)
-    ws = Workspace(_settings(args))
+    ws = Workspace(workspace_settings(args))
     t = time.perf_counter()
     out = ws.merge(args["expert"], name="expert-1")
     return {"seconds": time.perf_counter() - t, "status": out.status}
@@ -92,7 +83,7 @@ def worker_ours(args: dict, meter) -> dict:
     """Expert 2 through validate -> claim -> step, each a measured phase."""
     from mergewatch.workspace import Workspace
 
-    ws = Workspace(_settings(args))
+    ws = Workspace(workspace_settings(args))
     prev = ws.latest()
     need_all = ws.strategy.buffer_need().value == "all"
     meter.baseline()
