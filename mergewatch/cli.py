@@ -1,4 +1,4 @@
-"""Command line: ``mergewatch run | merge | submit | status | rollback | promote | eval | report | demo | bench``
+"""Command line: ``mergewatch run | merge | submit | status | rollback | promote | eval | report | compare | demo | bench``
 (DESIGN §3.6).
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key), 1 anything else
@@ -383,13 +383,30 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts, cli_main=main)
 
 
+def cmd_compare(args) -> int:
+    from mergewatch.quality.compare import load_compare, run_comparison
+
+    def expand(paths: list[str]) -> list[tuple[Path, dict]]:
+        return [(p, _sidecar_meta(p)) for p in expand_experts(paths)]
+
+    comp = load_compare(Path(args.config), out=Path(args.out) if args.out else None,
+                        experts=expand(args.experts) if args.experts else None, orders=args.orders, seed=args.seed,
+                        scope=args.evaluate, keep_runs=args.keep_runs, expand=expand)
+    res = run_comparison(comp)
+    from mergewatch.quality.report import summary_markdown
+
+    print(summary_markdown(res), end="")
+    return 0
+
+
 def cmd_bench_quality(args) -> int:
-    from mergewatch.quality.protocol import run_quality, results_markdown
+    from mergewatch.quality.protocol import run_quality
+    from mergewatch.quality.report import summary_markdown
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     res = run_quality(suite=args.suite, out=Path(args.out), n_tasks=args.tasks, orders=args.orders, seed=args.seed,
-                      methods=methods, extra_tasks=args.extra_task, quick=args.quick)
-    print(results_markdown(res), end="")
+                      methods=methods, extra_tasks=args.extra_task, quick=args.quick, scope=args.evaluate)
+    print(summary_markdown(res), end="")
     return 0
 
 
@@ -453,6 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--experts", type=int, default=3)
     d.set_defaults(func=cmd_demo)
 
+    c = sub.add_parser("compare", help="replay a stream of experts under several policies over seeded orders; report ACC/BWT")
+    c.add_argument("--config", required=True, help="config with one [[policy]] table per policy, an [eval] table and optionally [compare]")
+    c.add_argument("experts", nargs="*", help="experts in stream order (files, sharded dirs, or a folder: name order); default [compare] experts")
+    c.add_argument("--orders", type=int, help="task orders: the given one, then seeded shuffles (default 3)")
+    c.add_argument("--seed", type=int, help="seed of the shuffled orders (default 0)")
+    c.add_argument("--evaluate", choices=("all", "seen", "final"), help="tasks scored after each step (default all)")
+    c.add_argument("--out", help="output directory (default: [compare] out, else compare-results beside the config)")
+    c.add_argument("--keep-runs", action="store_true", help="keep each run's workspace (default: removed once its scores are cached)")
+    c.set_defaults(func=cmd_compare)
+
     b = sub.add_parser("bench", help="benchmarks: 'bench quality' runs the continual-merging protocol on real tasks")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="fine-tune experts per task, merge them in seeded orders with each method, report ACC/BWT")
@@ -460,9 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tasks", type=int, help="the first N tasks of the suite (default: all; --quick: 3 small ones)")
     q.add_argument("--orders", type=int, default=3, help="seeded task orders per method (default 3)")
     q.add_argument("--seed", type=int, default=0, help="seed of the task orders and workspaces")
-    q.add_argument("--methods", help="comma-separated methods (deploy names, or ema_wa for TIME ema/ema WA)")
+    q.add_argument("--methods", help="comma-separated methods: deploy names (opcm, nufilt, continual_ta, ...) or TIME rows zs_ema_wa, zs_all_ties")
     q.add_argument("--extra-task", action="append", default=[], metavar="DIR", help="a task directory of your own (repeatable)")
-    q.add_argument("--out", default="quality-results", help="output directory (results.json, results.md)")
+    q.add_argument("--evaluate", choices=("all", "seen", "final"), help="tasks scored after each step (default: all with --quick, else seen)")
+    q.add_argument("--out", default="quality-results", help="output directory (results.json, report.md/.html, plots; cache/ for resuming)")
     q.add_argument("--quick", action="store_true", help="3 small tasks, capped test splits, short fine-tuning (minutes on a laptop)")
     q.set_defaults(func=cmd_bench_quality)
     return p

@@ -13,6 +13,7 @@ class ConfigError(MergewatchError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.message = message
         super().__init__(f"config error at '{key}': {message}")
 
 

@@ -405,6 +405,25 @@ def test_text_zeroshot_tiny_bert(tmp_path):
         ev.evaluate(bad, s.tasks[0])
 
 
+def test_text_zeroshot_max_length_truncates(tmp_path):
+    """``[eval] max_length``: texts are cut to that many tokens; a text whose class word comes after
+    the cut is scored as its beginning alone."""
+    model_dir, base, theta0 = tiny_bert(tmp_path)
+    classes = ["alpha", "red green blue"]
+    texts = ["the cat runs dog sleeps alpha", "dog sleeps the cat runs red green blue"]
+    data = _write_jsonl(tmp_path, texts, [0, 1], classes)
+    task = {"name": "news", "data": data}
+    full = build_evaluator(parse_eval({"evaluator": "text_zeroshot", "model": "bert", "tasks": [task]}, tmp_path, None), base, "generic")
+    cut = build_evaluator(parse_eval({"evaluator": "text_zeroshot", "model": "bert", "max_length": 4, "tasks": [task]}, tmp_path, None),
+                          base, "generic")
+    assert cut.max_length == 4 and full.max_length > 4
+    assert torch.equal(cut.encode(texts[:1]), full.encode(["the cat"]))  # [CLS] the cat [SEP]
+    with pytest.raises(ConfigError, match=">= 2"):
+        parse_eval({"evaluator": "text_zeroshot", "model": "bert", "max_length": 1, "tasks": [task]}, tmp_path, None)
+    with pytest.raises(ConfigError, match="applies to evaluator text_zeroshot"):
+        parse_eval({"evaluator": "clip_zeroshot", "model": "ViT-B-32", "max_length": 8, "tasks": [task]}, tmp_path, None)
+
+
 def test_text_zeroshot_model_dir_without_tokenizer_is_a_config_error(tmp_path):
     model_dir, base, _ = tiny_bert(tmp_path)
     data = _write_jsonl(tmp_path, ["alpha"], [0], ["alpha"])

@@ -23,7 +23,7 @@ def quick(tmp_path_factory):
 
 def test_results_schema_and_values(quick):
     res = json.loads((quick / "results.json").read_text("utf-8"))
-    assert set(res) == {"suite", "tasks", "orders", "zero_shot", "individual", "methods"}
+    assert set(res) >= {"suite", "tasks", "orders", "zero_shot", "individual", "methods"}  # the schema (compare adds keys)
     assert res["suite"] == "text"
     tasks = res["tasks"]
     assert sorted(tasks) == ["foldoc", "fortune_lang", "wn_verb"]
@@ -35,12 +35,12 @@ def test_results_schema_and_values(quick):
         assert res["individual"][t] > res["zero_shot"][t], t
     assert list(res["methods"]) == METHODS
     for name, m in res["methods"].items():
-        assert set(m) == {"acc_mean", "acc_std", "bwt_mean", "bwt_std", "per_order"}
+        assert set(m) >= {"acc_mean", "acc_std", "bwt_mean", "bwt_std", "per_order"}
         assert 0.0 <= m["acc_mean"] <= 1.0 and m["acc_std"] >= 0.0
         assert -1.0 <= m["bwt_mean"] <= 1.0 and m["bwt_std"] >= 0.0
         assert [p["order"] for p in m["per_order"]] == res["orders"]
         for p in m["per_order"]:
-            assert set(p) == {"order", "matrix"}
+            assert set(p) >= {"order", "matrix"}
             assert len(p["matrix"]) == len(tasks) and all(len(row) == len(tasks) for row in p["matrix"])
             assert all(0.0 <= a <= 1.0 for row in p["matrix"] for a in row)
             # the deploy view after step 1 is the first expert itself for these methods
@@ -50,8 +50,10 @@ def test_results_schema_and_values(quick):
     zs_mean = sum(res["zero_shot"].values()) / len(tasks)
     wa = res["methods"]["continual_wa"]["acc_mean"]
     assert zs_mean - 0.10 <= wa <= max(res["individual"].values()) + 1e-9
-    md = (quick / "results.md").read_text("utf-8")
+    md = (quick / "report.md").read_text("utf-8")
     assert "| continual_wa |" in md and "| opcm |" in md and "θ0" in md
+    for f in ("report.html", "acc_steps.png", "final.png", "per_task.png"):
+        assert (quick / f).is_file(), f
 
 
 def test_second_run_reuses_cached_experts(quick, tmp_path, capsys):

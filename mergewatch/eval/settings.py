@@ -45,10 +45,10 @@ TEXT_TEMPLATES = ("{}",)
 EVALUATOR_OPTIONS = {
     "clip_zeroshot": ("model", "text_checkpoint"),
     "heads": ("model",),
-    "text_zeroshot": ("model", "logit_scale"),
+    "text_zeroshot": ("model", "logit_scale", "max_length"),
     "plugin": ("plugin", "model"),  # a plugin may use ``model`` as it likes (passed through settings)
 }
-OPTION_KEYS = ("model", "text_checkpoint", "plugin", "logit_scale")
+OPTION_KEYS = ("model", "text_checkpoint", "plugin", "logit_scale", "max_length")
 #: a text model directory needs one of these (transformers would otherwise build an empty tokenizer)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 TASK_KEYS = ("name", "data", "format", "classes", "templates", "held_out", "head")
@@ -75,6 +75,7 @@ class EvalSettings:
     text_checkpoint: Path | None = None
     plugin: str = ""
     logit_scale: float = 100.0
+    max_length: int = 0  # text_zeroshot: tokens per text at most (0: the model's own limit)
     gate_max_drop: float | None = None
     retries: int = 3
     retry_seconds: float = 30.0
@@ -168,6 +169,8 @@ def parse_eval(data: dict | None, root: Path, base: Path | None = None, *, light
         values["gate_max_drop"] = _float("eval.gate_max_drop", data["gate_max_drop"], 0.0, 1.0)
     if "logit_scale" in data:
         values["logit_scale"] = _float("eval.logit_scale", data["logit_scale"], 0.0, lo_open=True)
+    if "max_length" in data:
+        values["max_length"] = _int("eval.max_length", data["max_length"], 2)
     if "plugin" in data:
         values["plugin"] = _plugin_spec(_str("eval.plugin", data["plugin"]))
     if "text_checkpoint" in data:

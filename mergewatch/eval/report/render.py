@@ -172,9 +172,9 @@ img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
-def to_html(doc: list[Block]) -> str:
+def to_html(doc: list[Block], title: str = "mergewatch report") -> str:
     e = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>mergewatch report</title>"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>"]
     out += [f"<style>{STYLE}</style>", "</head><body>"]
     for b in doc:
         kind = b[0]
