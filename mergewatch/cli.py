@@ -378,9 +378,13 @@ def cmd_submit(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from mergewatch.demo import run_demo
+    if args.batch:  # the batch walkthrough: tiny open_clip experts merged by `mergewatch merge`
+        from mergewatch.demo import run_demo
 
-    return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts, cli_main=main)
+        return run_demo(Path(args.workdir) if args.workdir else None, n_experts=args.experts, cli_main=main)
+    from mergewatch.demo_live import run_live_demo
+
+    return run_live_demo(Path(args.workdir) if args.workdir else None, quick=args.quick)
 
 
 def cmd_compare(args) -> int:
@@ -405,7 +409,8 @@ def cmd_bench_quality(args) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     res = run_quality(suite=args.suite, out=Path(args.out), n_tasks=args.tasks, orders=args.orders, seed=args.seed,
-                      methods=methods, extra_tasks=args.extra_task, quick=args.quick, scope=args.evaluate)
+                      methods=methods, extra_tasks=args.extra_task, quick=args.quick, scope=args.evaluate,
+                      held_out=args.held_out)
     print(summary_markdown(res), end="")
     return 0
 
@@ -465,9 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--name", help="name in the inbox (default: the file's name)")
     sm.set_defaults(func=cmd_submit)
 
-    d = sub.add_parser("demo", help="generate a tiny open_clip base and experts, merge them, show what was published")
+    d = sub.add_parser("demo", help="the whole loop, live: the daemon merges, publishes and evaluates experts a producer fine-tunes")
     d.add_argument("--workdir", help="where to put the demo (default: ./demo-workspace)")
-    d.add_argument("--experts", type=int, default=3)
+    d.add_argument("--quick", action="store_true", help="a tiny random BERT and 2 synthetic tasks: seconds, nothing downloaded")
+    d.add_argument("--batch", action="store_true", help="the old batch walkthrough instead: tiny open_clip experts merged by `merge`")
+    d.add_argument("--experts", type=int, default=3, help="--batch: how many experts")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("compare", help="replay a stream of experts under several policies over seeded orders; report ACC/BWT")
@@ -485,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = bsub.add_parser("quality", help="fine-tune experts per task, merge them in seeded orders with each method, report ACC/BWT")
     q.add_argument("--suite", required=True, help="task suite: text (glyph: not implemented yet)")
     q.add_argument("--tasks", type=int, help="the first N tasks of the suite (default: all; --quick: 3 small ones)")
-    q.add_argument("--orders", type=int, default=3, help="seeded task orders per method (default 3)")
+    q.add_argument("--orders", type=int, help="seeded task orders per method (default: the protocol's 10; --quick: 2)")
     q.add_argument("--seed", type=int, default=0, help="seed of the task orders and workspaces")
-    q.add_argument("--methods", help="comma-separated methods: deploy names (opcm, nufilt, continual_ta, ...) or TIME rows zs_ema_wa, zs_all_ties")
+    q.add_argument("--methods", help="comma-separated methods: deploy names (opcm, nufilt, continual_ta, ...), TIME rows zs_ema_wa, zs_all_ties, or time_grid (every TIME init x deploy)")
+    q.add_argument("--held-out", type=int, default=0, metavar="N", help="the last N tasks are held out: scored (A_ZS, GM), never fine-tuned")
     q.add_argument("--extra-task", action="append", default=[], metavar="DIR", help="a task directory of your own (repeatable)")
     q.add_argument("--evaluate", choices=("all", "seen", "final"), help="tasks scored after each step (default: all with --quick, else seen)")
     q.add_argument("--out", default="quality-results", help="output directory (results.json, report.md/.html, plots; cache/ for resuming)")

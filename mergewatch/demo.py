@@ -1,5 +1,8 @@
-"""The embedded demo: a tiny open_clip CLIP base and seeded experts, generated locally (no downloads),
-merged with the TIME "Best-in-TIME" policy (init ema, deploy ema, technique wa) and published."""
+"""The batch walkthrough (``mergewatch demo --batch``): a tiny open_clip CLIP base and seeded experts,
+generated locally (no downloads), merged by ``mergewatch merge`` with the TIME "Best-in-TIME" policy
+(init ema, deploy ema, technique wa) and published. ``mergewatch demo`` itself is the live loop
+(``demo_live.py``). The tiny CLIP helpers here (``TINY_CLIP``, ``tiny_clip_state``, ``perturb``) are
+what many tests build their models with."""
 
 from __future__ import annotations
 

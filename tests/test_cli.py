@@ -95,8 +95,9 @@ def test_duplicate_and_rollback(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_demo_runs_without_downloads(tmp_path):
-    r = run("demo", "--workdir", str(tmp_path / "demo"))
+def test_batch_demo_runs_without_downloads(tmp_path):
+    """`mergewatch demo --batch`: the batch walkthrough (the live loop is tests/test_demo.py)."""
+    r = run("demo", "--batch", "--workdir", str(tmp_path / "demo"))
     assert r.returncode == 0, r.stderr
     assert "merged" in r.stdout and "deploy/current -> 3" in r.stdout
     # the published version holds the model's configuration: open_clip rebuilds it from there

@@ -5,6 +5,7 @@ run fine-tunes three experts (cached in the quality cache afterwards, see README
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,38 @@ def test_a_bad_extra_task_is_a_usage_error(tmp_path, capsys):
     assert main(["bench", "quality", "--suite", "text", "--quick", "--extra-task", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "test.jsonl:1" in err and "out of range" in err
+
+
+def test_time_grid_names():
+    from mergewatch.quality.protocol import time_grid_methods
+
+    grid = time_grid_methods()
+    assert len(grid) == 11 and "time-zs-ft" not in grid  # SPEC §1: every pair but init zs with deploy ft
+    assert grid["time-ema-all"] == {"init": "ema", "deploy": "all", "technique": "wa"}
+
+
+def test_time_init_axis_is_real_and_held_out_tasks_are_scored(tmp_path):
+    """init ft: the expert of step 2 is fine-tuned from the stream's published init view (the first
+    expert), not from θ0; the held-out task gets no expert and gives A_ZS and GM."""
+    from mergewatch.quality.compare import Hashes
+    from mergewatch.quality.text_tasks import cache_root
+
+    out = tmp_path / "grid"
+    code = main(["bench", "quality", "--suite", "text", "--quick", "--tasks", "3", "--held-out", "1", "--orders", "1",
+                 "--methods", "time-ft-ema,time-zs-ema", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "results.json").read_text("utf-8"))
+    held = res["tasks"][-1]
+    assert res["held_out"] == [held] and held not in res["individual"] and len(res["experts"]) == 2
+    first, second = res["orders"][0]
+    by_name = {e["name"]: e for e in res["experts"]}
+    # the expert fine-tuned from the init view after step 1 (init ft: that is expert 1 itself)
+    made = [json.loads(p.read_text()) for p in (cache_root() / "experts").glob(f"{second}-*.json")]
+    sourced = [m for m in made if m.get("init_sha256") == by_name[first]["sha256"]]
+    assert sourced and sourced[0]["stats"]["init"] is not None
+    assert Hashes(tmp_path / "h.json").path(Path(sourced[0]["stats"]["path"])) != by_name[second]["sha256"]
+    ft, zs = res["methods"]["time-ft-ema"]["per_order"][0], res["methods"]["time-zs-ema"]["per_order"][0]
+    assert ft["matrix"][0] == zs["matrix"][0]  # step 1 is the same for both (the θ0 expert)
+    assert ft["matrix"][1] != zs["matrix"][1]  # step 2 merged a different expert
+    for m in res["methods"].values():
+        assert m["a_zs_mean"] is not None and m["gm_mean"] == pytest.approx((m["a_ka_mean"] * m["a_zs_mean"]) ** 0.5)

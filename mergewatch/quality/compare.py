@@ -201,6 +201,10 @@ class Comparison:
     suite: str = "compare"
     identity: dict = field(default_factory=dict)
     log: Callable[[str], None] | None = None
+    #: where the expert of a step comes from: ``(policy, step, expert, workspace) -> path`` (default
+    #: ``expert.path``). The benchmark fine-tunes TIME's experts from the stream's published init view
+    #: here; the run's cache key covers it through ``identity`` (the source must be deterministic).
+    expert_source: Callable[[Policy, int, Expert, object], Path] | None = None
 
 
 class _Progress:
@@ -299,7 +303,8 @@ def _run_one(c: Comparison, policy: Policy, order: list[Expert], k: int, scorer:
         for step, e in enumerate(order, 1):
             prog.status(f"{label} step {step}/{T}: merging {e.name}")
             t0 = time.perf_counter()
-            res = ws.merge(e.path, name=e.name)
+            path = e.path if c.expert_source is None else c.expert_source(policy, step, e, ws)
+            res = ws.merge(path, name=e.name)
             t1 = time.perf_counter()
             if res.status != "merged":
                 raise CompareError(f"policy {policy.name}: expert {e.name} was not merged ({res.status}"

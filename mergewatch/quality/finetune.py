@@ -83,9 +83,13 @@ def finetune_expert(
     max_length: int | None = None,
     progress: ProgressFn | None = None,
     progress_every: int = 10,
+    init=None,
 ) -> dict:
     """Fine-tune the encoder of ``base_dir`` on ``task_dir``'s train split; write the expert to
-    ``out_path`` (safetensors, atomically). Returns the run's stats."""
+    ``out_path`` (safetensors, atomically). Returns the run's stats.
+
+    ``init`` (a checkpoint path under the base's names, e.g. a published init view) is where training
+    starts instead of θ0 (TIME's init axis); the head stays θ0's, as the evaluator's does."""
     if steps < 1 or batch_size < 1 or progress_every < 1:
         raise ValueError(f"steps, batch_size and progress_every must be >= 1, got {steps}, {batch_size}, {progress_every}")
     if not (lr > 0 and math.isfinite(lr)):
@@ -97,6 +101,8 @@ def finetune_expert(
         ev = text_evaluator(base_dir, batch_size=max(batch_size, 16), logit_scale=logit_scale, max_length=max_length)
         data = open_task_data(task)
         head = ev.head(task, data.classes).clone()  # θ0's class prompts; a normal tensor (not an inference one)
+        if init is not None:
+            ev.load(LazyCheckpoint(init), f"the init checkpoint {init}")
         model = ev.model.eval()  # eval mode: dropout off (deterministic); gradients still flow
         trained = []
         for name, p in model.named_parameters():
@@ -146,6 +152,7 @@ def finetune_expert(
         "train_seconds": train_seconds,
         "steps_per_second": steps / train_seconds if train_seconds > 0 else float("inf"),
         "content_sha256": sha,
+        "init": str(init) if init is not None else None,
         "path": str(out_path),
     }
 

