@@ -422,21 +422,22 @@ def run_comparison(c: Comparison) -> dict:
                         "names": [e.name for e in order], "base": base_sha, "eval": scorer.eval_key, "scope": c.scope,
                         "identity": c.identity})
             cache = out / "cache" / "runs" / f"{key[:32]}.json"
-            rows = None
+            t0 = time.perf_counter()
             try:
-                rows = json.loads(cache.read_text("utf-8"))["rows"]
-                prog.line(f"{label}: done earlier (cached)")
+                rows, cached = json.loads(cache.read_text("utf-8"))["rows"], True
             except (OSError, ValueError, KeyError):
-                t0 = time.perf_counter()
-                rows = _run_one(c, policy, order, k, scorer, prog, label)
+                rows, cached = _run_one(c, policy, order, k, scorer, prog, label), False
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(cache, json.dumps({"policy": policy.name, "order": [e.name for e in order], "rows": rows}, indent=1))
                 if not c.keep_runs:
                     shutil.rmtree(out / "runs" / f"{policy.name}-o{k}", ignore_errors=True)
-                s = _summarize_order(rows, order, tasks, adaptation, held, c.scope)
+            s = _summarize_order(rows, order, tasks, adaptation, held, c.scope)
+            if cached:
+                prog.line(f"{label}: done earlier (cached)")
+            else:
                 prog.line(f"{label}: ACC {_pct(s['acc'])}, BWT {_pct(s['bwt'], signed=True)} "
                           f"({time.perf_counter() - t0:.0f}s: merge {s['seconds']['merge']:.0f}s, eval {s['seconds']['eval']:.0f}s)")
-            per_order.append(_summarize_order(rows, order, tasks, adaptation, held, c.scope))
+            per_order.append(s)
         methods[policy.name] = _aggregate(per_order, tasks, bool(held))
         m = methods[policy.name]
         prog.line(f"{policy.name}: ACC {_pm(m['acc_mean'], m['acc_std'])}, BWT {_pm(m['bwt_mean'], m['bwt_std'], signed=True)}")
