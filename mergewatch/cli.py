@@ -51,11 +51,14 @@ class Progress:
 
 def expand_experts(paths: list[str]) -> list[Path]:
     """Expert paths in merge order: files and sharded directories as given; a folder of experts is
-    expanded to its ``*.safetensors`` files and checkpoint sub-directories in name order."""
+    expanded to its ``*.safetensors`` files and checkpoint sub-directories in natural order
+    (``checkpoint-200`` before ``checkpoint-1000``: daemon/inbox.py, ``natural_key``)."""
+    from mergewatch.daemon.inbox import natural_key
+
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and not any(p.glob("*.safetensors.index.json")) and not (p / "model.safetensors").is_file():
-            for child in sorted(p.iterdir()):
+            for child in sorted(p.iterdir(), key=lambda c: natural_key(c.name)):
                 if child.name.startswith("."):
                     continue
                 if child.is_file() and child.suffix == ".safetensors":

@@ -35,8 +35,8 @@ from mergewatch.params import ENABLED, Param, ParamError, by_name, coerce, insid
 
 @dataclass(frozen=True)
 class ModelSettings:
-    architecture: str = "auto"  # auto | open_clip_full | open_clip_visual | hf_clip_vision | bert | generic | path
-    roles: tuple = ()  # extra rules tried first: [{pattern, role, blocks?, ndim?}]
+    architecture: str = "auto"  # auto | a table of checkpoint/roles/ (open_clip_full, llama, qwen3, gpt2, ...) | path
+    roles: tuple = ()  # extra rules tried first: [{pattern, role, kind?, blocks?, split?, transposed?, ndim?}]
     dtype_policy: str = "float_cast"  # strict | float_cast
     #: the model's configuration, copied into every published version (a bare open_clip model config
     #: {embed_dim, vision_cfg, text_cfg} is published as open_clip's ``open_clip_config.json``)
@@ -75,7 +75,9 @@ class WatchSettings:
 @dataclass(frozen=True)
 class PublishSettings:
     keep: int = 5  # published versions kept per view
-    shard_bytes: int = 0  # 0 = one model.safetensors; otherwise shards of at most this many bytes
+    #: how published files are split: absent = as the base is (its shard boundaries, or one file),
+    #: 0 = one model.safetensors, N = shards of at most N bytes (checkpoint/writer.py, FileLayout)
+    shard_bytes: int | None = None
     keep_states: int = 2  # committed state directories kept
 
 
@@ -92,9 +94,26 @@ class BufferSettings:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """``[engine.ray]``: where and how a step runs on Ray (engine/ray_backend.py, docs/ray.md)."""
+
+    #: "local" (a private cluster on this machine), "auto" (the cluster ``ray start`` runs here),
+    #: "ray://HOST:PORT" (Ray Client) or "HOST:PORT" (a cluster's GCS address)
+    address: str = "local"
+    num_cpus: int = 0  # CPUs of a "local" cluster (0: every core); ignored for a running cluster
+    num_cpus_per_task: int = 1  # Ray CPUs reserved per task (size it to [engine] threads)
+    task_bytes: int = 64 << 20  # input tensor bytes per task (a larger single tensor: a task of its own)
+    max_retries: int = 3  # attempts after a worker or node died mid-task
+    #: when the cluster cannot be reached or goes away mid-step: "none" (the step fails) or "local"
+    fallback: str = "none"
+
+
+@dataclass(frozen=True)
 class EngineSettings:
     #: intra-op threads of every step and prepare, whatever OMP_NUM_THREADS says (mergewatch.numeric)
     threads: int = DEFAULT_THREADS
+    backend: str = "local"  # "local" (this process) | "ray" ([engine.ray])
+    ray: RaySettings = field(default_factory=RaySettings)
 
 
 @dataclass(frozen=True)
@@ -122,7 +141,7 @@ def _check_type(key: str, value: Any, kind: type) -> Any:
         raise ConfigError(key, str(e)) from None
 
 
-_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "tuple": list}
+_FIELD_TYPES = {"str": str, "int": int, "int | None": int, "float": float, "bool": bool, "tuple": list}
 
 
 def _section(cls, data: Any, prefix: str):
@@ -352,6 +371,29 @@ def _buffer(data: Any) -> BufferSettings:
     return BufferSettings(keep)
 
 
+def _engine(data: Any) -> EngineSettings:
+    """``[engine]`` and its ``[engine.ray]`` table (read even when the backend is local: a typo
+    there is still an error)."""
+    from dataclasses import replace
+
+    if not isinstance(data, dict):
+        raise ConfigError("engine", f"expected a table, got {data!r}")
+    data = dict(data)
+    ray = _section(RaySettings, data.pop("ray", {}), "engine.ray")
+    engine = replace(_section(EngineSettings, data, "engine"), ray=ray)
+    _range("engine.threads", engine.threads, 1)
+    _choice("engine.backend", engine.backend, ("local", "ray"))
+    host, _, port = ray.address.removeprefix("ray://").rpartition(":")
+    if ray.address not in ("local", "auto") and not (host and port.isdigit()):
+        raise ConfigError("engine.ray.address", f'expected "local", "auto", "ray://HOST:PORT" or "HOST:PORT", got {ray.address!r}')
+    _range("engine.ray.num_cpus", ray.num_cpus, 0)
+    _range("engine.ray.num_cpus_per_task", ray.num_cpus_per_task, 1)
+    _range("engine.ray.task_bytes", ray.task_bytes, 1)
+    _range("engine.ray.max_retries", ray.max_retries, 0)
+    _choice("engine.ray.fallback", ray.fallback, ("none", "local"))
+    return engine
+
+
 # Loading ---------------------------------------------------------------------------------------
 
 TOP_KEYS = ("workspace", "base", "seed", "model", "policy", "buffer", "watch", "publish", "metrics", "engine", "eval")
@@ -385,15 +427,15 @@ def parse(data: dict, *, source: Path | None = None, light: bool = False) -> Set
     _range("watch.rescan_seconds", watch.rescan_seconds, 0.0, lo_open=True)
     publish = _section(PublishSettings, data.get("publish", {}), "publish")
     _range("publish.keep", publish.keep, 1)
-    _range("publish.shard_bytes", publish.shard_bytes, 0)
+    if publish.shard_bytes is not None:
+        _range("publish.shard_bytes", publish.shard_bytes, 0)
     _range("publish.keep_states", publish.keep_states, 1)
     metrics = _section(MetricsSettings, data.get("metrics", {}), "metrics")
     host, _, port = metrics.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("metrics.listen", f"expected HOST:PORT, got {metrics.listen!r}")
     buffer = _buffer(data.get("buffer", {}))
-    engine = _section(EngineSettings, data.get("engine", {}), "engine")
-    _range("engine.threads", engine.threads, 1)
+    engine = _engine(data.get("engine", {}))
     policy = _policy_as_written(data.get("policy", {})) if light else _policy(data.get("policy", {}), root)
     from mergewatch.eval.settings import parse_eval
 

@@ -14,6 +14,8 @@ daemon's queued rows (``merge_row``: rows first, the step between them), for the
 know yet (``reconcile``). The daemon and the CLI decide when, and print.
 
 Workspace layout (DESIGN §3.6): ``inbox/ store/ rejected/ state/ deploy/ init/ ledger.sqlite``.
+``base-view/`` holds θ0 re-laid-out for publishing, when the base's own files are not laid out as
+the published views are (``base_files``).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from mergewatch.buffer.store import ExpertStore
 from mergewatch.checkpoint.durable import atomic_write
 from mergewatch.checkpoint.hashing import content_sha256
 from mergewatch.checkpoint.reader import LazyCheckpoint
-from mergewatch.checkpoint.roles import resolve_table
+from mergewatch.checkpoint.roles import model_config, resolve_table
 from mergewatch.checkpoint.validate import ExpertReport, check_expert
+from mergewatch.checkpoint.writer import CheckpointWriter, FileLayout, TensorSpec, atomic_directory, clear_staging
 from mergewatch.config import Settings
 from mergewatch.deploy.companions import Companions, discover
 from mergewatch.deploy.publisher import Publisher
@@ -48,6 +51,11 @@ from mergewatch.strategies.base import VIEWS, BufferNeed, StepContext
 
 class WorkspaceError(MergewatchError):
     pass
+
+
+#: ``__metadata__`` of every published safetensors file, over the base's own: transformers reads
+#: ``format`` (and many 4.x versions fail without it)
+PUBLISHED_METADATA = {"format": "pt"}
 
 
 @dataclass
@@ -68,6 +76,7 @@ class StepOutcome:
     reason: str = ""  # a rejection's full reason, its class (errors.REJECT_CLASSES) and every problem
     reason_class: str = ""
     problems: list[str] = field(default_factory=list)
+    engine: dict = field(default_factory=dict)  # how the step ran (engine.steps.StepResult.engine)
 
 
 @dataclass
@@ -76,6 +85,7 @@ class PrepareOutcome:
     sets: dict[str, str]  # prepared set -> content sha256
     seconds: float
     bytes_written: int
+    engine: dict = field(default_factory=dict)  # how it ran (engine.steps.PrepareResult.engine)
 
 
 class Workspace:
@@ -86,9 +96,17 @@ class Workspace:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.progress = progress
         self.base = LazyCheckpoint(settings.base)
-        self.table = resolve_table(settings.model.architecture, list(self.base), list(settings.model.roles))
+        self.table = resolve_table(settings.model.architecture, list(self.base), list(settings.model.roles),
+                                   model_config(settings.base, settings.model.config))
         self.model_info = build_model_info(self.base, self.table)
+        #: how every file of a step is laid out: as the base (its shards, or one file) unless
+        #: ``publish.shard_bytes`` says otherwise, with the base's header metadata + ``format: pt``
+        self.layout = FileLayout.of(self.base, shard_bytes=settings.publish.shard_bytes,
+                                    metadata={**self.base.header_metadata, **PUBLISHED_METADATA})
         self.strategy = build_strategy(settings.policy)
+        #: treatment -> kind -> tensors (``Strategy.check_model``: refuses a model the method would
+        #: leave as it is); in every MANIFEST and step record, and the daemon's ready log line
+        self.treated = self.strategy.check_model(self.model_info)
         self.states = StateStore(self.root / "state")
         self.store = ExpertStore(self.root / "store")
         self.publishers = {v: Publisher(self.root / v, keep=settings.publish.keep) for v in VIEWS}
@@ -189,24 +207,26 @@ class Workspace:
                 if ahead:
                     prepared = "used"
                     try:
-                        self._run_and_commit(t, expert_ids, names, experts, prev, {**prev_sets, **ahead})
+                        engine = self._run_and_commit(t, expert_ids, names, experts, prev, {**prev_sets, **ahead})
                     except (MergewatchError, OSError, ValueError) as e:
                         # e.g. a prepared file damaged inside its data: never the expert's fault.
                         # Run again without it; an error that is not the cache's comes back then.
                         prepared = f"unusable: {type(e).__name__}: {e}"
                         self.states.drop_prepared(prev.t)
         if prepared != "used":
-            self._run_and_commit(t, expert_ids, names, experts, prev, prev_sets)
+            engine = self._run_and_commit(t, expert_ids, names, experts, prev, prev_sets)
         crash_point("after_commit")
         t_pub = time.monotonic()
         versions = self.publish(t)
         t_end = time.monotonic()
         self.apply_retention()
-        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub, prepared)
+        return StepOutcome("merged", expert_id, name, t, versions, time.monotonic() - t_start, t_pub - t_start, t_end - t_pub, prepared,
+                           engine=engine)
 
     def _run_and_commit(self, t: int, expert_ids: list[str], names: list[str], experts: list, prev: StateSnapshot | None,
-                        prev_sets: dict) -> None:
-        """Run step ``t`` into a staging directory and commit it as ``state/<t>/``."""
+                        prev_sets: dict) -> dict:
+        """Run step ``t`` into a staging directory and commit it as ``state/<t>/``; returns how the
+        engine ran it (``StepResult.engine``)."""
         ctx = StepContext(t=t, seed=self.settings.seed, expert_ids=expert_ids, model=self.model_info, meta=prev.meta if prev else {})
         with self.states.staging(t) as stage:
             result = run_step(
@@ -216,9 +236,10 @@ class Workspace:
                 experts,
                 prev_sets,
                 stage,
-                shard_bytes=self.settings.publish.shard_bytes or None,
+                layout=self.layout,
                 progress=self._progress,
                 threads=self.settings.engine.threads,
+                engine=self.settings.engine,
             )
             self.states.write_record(
                 stage,
@@ -230,11 +251,13 @@ class Workspace:
                     "sets": result.sets,
                     "views": result.views,
                     "fingerprint": self.fingerprint(),
+                    "treated": self.treated,
                     "created_at": _now(),
                     "seconds": round(result.seconds, 6),
                     "mergewatch": __version__,
                 },
             )
+        return result.engine
 
     def prepare_due(self) -> bool:
         """The newest committed state has sets to prepare for the next step and they are not there."""
@@ -267,10 +290,10 @@ class Workspace:
 
         with self.states.prepare_staging(snap.t) as stage:
             res = run_prepare(self.strategy, ctx, self.base, snap.sets(), stage,
-                              shard_bytes=self.settings.publish.shard_bytes or None, progress=tick,
-                              threads=self.settings.engine.threads)
+                              layout=self.layout, progress=tick,
+                              threads=self.settings.engine.threads, engine=self.settings.engine)
             self.states.write_prepared_record(stage, snap, res.sets, res.seconds)
-        return PrepareOutcome(snap.t, res.sets, res.seconds, res.bytes_written)
+        return PrepareOutcome(snap.t, res.sets, res.seconds, res.bytes_written, res.engine)
 
     def _progress(self, label: str, pass_no: int, n_passes: int, done: int, total: int) -> None:
         if done == total // 2:
@@ -288,14 +311,9 @@ class Workspace:
             info = snap.record["views"][view]
             pub = self.publishers[view]
             if info["source"] == "base":
-                files = _checkpoint_files(self.base)
                 content, step, key = self.base_sha256, 0, "base"
-                file_hashes = None
             else:
-                d = snap.view_dir(view)
-                files = {f.name: d / f.name for f in sorted(d.iterdir()) if f.is_file()}
                 content, step, key = info["content_sha256"], t, publish_key(snap.expert_ids, t)
-                file_hashes = info["files"]
             existing = pub.find(key)
             if existing is not None:
                 out[view] = existing
@@ -303,6 +321,12 @@ class Workspace:
             if view == "init" and pub.current_content_sha256() == content:
                 out[view] = None  # SPEC §1.2: a new init version only when its content changes
                 continue
+            if info["source"] == "base":
+                files, file_hashes = self.base_files(), None
+            else:
+                d = snap.view_dir(view)
+                files = {f.name: d / f.name for f in sorted(d.iterdir()) if f.is_file()}
+                file_hashes = info["files"]
             manifest = {
                 "view": view,
                 "step": step,
@@ -314,6 +338,7 @@ class Workspace:
                 "content_sha256": content,
                 "seed": self.settings.seed,
                 "architecture": self.table.name,
+                "treated": self.treated,
                 "mergewatch": __version__,
             }
             files.update({name: stored for name, (stored, _) in companions.items()})
@@ -325,9 +350,28 @@ class Workspace:
             crash_point("mid_publish")
         return out
 
+    def base_files(self) -> dict[str, Path]:
+        """θ0 as the files of a published view (init ``zs``, a method's init): the base's own files
+        when they are laid out as ``self.layout`` says, else a copy in that layout, written once
+        under ``base-view/`` (streamed tensor by tensor). Either way both views of a workspace have
+        the same file names, shard boundaries and metadata."""
+        if self.layout.describes(self.base):
+            return _checkpoint_files(self.base)
+        digest = hashlib.sha256(repr(self.layout).encode()).hexdigest()[:16]
+        d = self.root / "base-view" / f"{self.base_sha256[:16]}-{digest}"
+        if not d.is_dir():
+            specs = [TensorSpec(n, self.base.info(n).torch_dtype, self.base.info(n).shape) for n in self.base]
+            with atomic_directory(d) as stage:
+                w = CheckpointWriter(stage, specs, layout=self.layout)
+                for s in w.specs:
+                    w.write(s.name, self.base[s.name])
+                w.close()
+        return {f.name: f for f in sorted(d.iterdir()) if f.is_file()}
+
     def recover(self) -> dict:
         """Clear staging leftovers everywhere and finish publishing the newest committed step."""
-        report = {"state_staging": self.states.recover(), "store_staging": self.store.recover()}
+        report = {"state_staging": self.states.recover(), "store_staging": self.store.recover(),
+                  "base_view_staging": clear_staging(self.root / "base-view" / ".staging")}
         for view, pub in self.publishers.items():
             report[f"{view}_recover"] = pub.recover()
         snap = self.latest()

@@ -720,3 +720,44 @@ def test_content_hasher_needs_sorted_order():
         h.add("a", "F32", (1,), b"\0" * 4)
     with pytest.raises(ValueError, match="sorted order"):
         h.add("b", "F32", (1,), b"\0" * 4)
+
+
+def test_given_shards_interleaved_in_name_order_with_metadata_in_every_header(tmp_path):
+    """The base's shard boundaries (Hugging Face groups by module, so shards interleave in name
+    order: layers.1 < layers.10 < layers.2): every shard is appended to in name order, the files
+    read back as written, every header carries the metadata and the index has total_size."""
+    from mergewatch.checkpoint.writer import FileLayout
+
+    t = {f"layers.{i}.w": torch.full((4,), float(i)) for i in range(12)}
+    shards = (tuple(f"layers.{i}.w" for i in range(0, 6)), tuple(f"layers.{i}.w" for i in range(6, 12)))
+    layout = FileLayout(shards=shards, metadata=(("format", "pt"),))
+    d = tmp_path / "m"
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in t.items()]
+    with atomic_directory(d) as stage:
+        w = CheckpointWriter(stage, specs, layout=layout)
+        for s in w.specs:  # layers.0, layers.1, layers.10, layers.11, layers.2, ...: both shards open
+            w.write(s.name, t[s.name])
+        w.close()
+    assert sorted(w.files) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_FILE]
+    c = LazyCheckpoint(d)
+    assert all(torch.equal(c[k], v) for k, v in t.items())
+    assert {f.name: [n for n in c if c.info(n).file == f] for f in c.files} == {
+        "model-00001-of-00002.safetensors": sorted(shards[0]), "model-00002-of-00002.safetensors": sorted(shards[1])}
+    for f in c.files:
+        with safe_open(f, "pt") as st:
+            assert st.metadata() == {"format": "pt"}
+    assert json.loads((d / INDEX_FILE).read_text())["metadata"]["total_size"] == 12 * 16
+    assert w.files == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()}
+    # the layout of that checkpoint is itself, and it describes it; other layouts do not
+    same = FileLayout.of(c, metadata={"format": "pt"})
+    assert same.shards == tuple(tuple(sorted(s)) for s in shards) and same.describes(c)
+    assert not FileLayout.of(c).describes(c)  # no metadata: the headers say otherwise
+    assert not FileLayout.of(c, shard_bytes=0, metadata={"format": "pt"}).describes(c)
+    # a layout for the base serves a state set holding a subset of its names: empty shards dropped
+    sub = [s for s in specs if s.name in shards[1]]
+    w2 = CheckpointWriter(tmp_path, sub, layout=layout)
+    assert w2._names == ["model.safetensors"]
+    with pytest.raises(ValueError, match="belong to no shard"):
+        CheckpointWriter(tmp_path, [TensorSpec("stray", torch.float32, (1,))], layout=layout)
+    with pytest.raises(ValueError, match="either a layout or shard_bytes"):
+        CheckpointWriter(tmp_path, specs, layout=layout, shard_bytes=10)

@@ -24,6 +24,8 @@ def test_defaults():
     s = parse("")
     assert (s.policy.init, s.policy.deploy, s.policy.technique) == ("zs", "ema", "wa")
     assert s.publish.keep == 5 and s.metrics.listen == "127.0.0.1:9464" and s.seed == 0
+    assert s.publish.shard_bytes is None  # published files follow the base's layout
+    assert parse("[publish]\nshard_bytes = 0").publish.shard_bytes == 0
     assert s.workspace == Path("/tmp/x/ws")  # relative to the config file
 
 
@@ -34,6 +36,8 @@ def test_defaults():
         ("[publish]\nkepp = 3", "publish.kepp"),
         ("[publish]\nkeep = '3'", "publish.keep"),
         ("[publish]\nkeep = 0", "publish.keep"),
+        ("[publish]\nshard_bytes = -1", "publish.shard_bytes"),
+        ("[publish]\nshard_bytes = '2GB'", "publish.shard_bytes"),
         ("[watch]\npolling = 1", "watch.polling"),
         ("[metrics]\nlisten = 'nowhere'", "metrics.listen"),
         ("seed = 1.5", "seed"),

@@ -222,7 +222,10 @@ class LazyCheckpoint(Mapping):
         self.path = Path(path)
         files, index = _resolve_layout(self.path)
         self.index_path = index
+        #: the index's metadata (sharded) or the file header's ``__metadata__`` (single file)
         self.metadata: dict[str, str] = {}
+        #: the ``__metadata__`` entries every file's header holds alike (e.g. ``{"format": "pt"}``)
+        self.header_metadata: dict[str, str] | None = None
         infos: dict[str, TensorInfo] = {}
         if index is not None:
             try:
@@ -246,6 +249,8 @@ class LazyCheckpoint(Mapping):
             part, meta = read_header(f)
             if index is None:
                 self.metadata = meta
+            common = self.header_metadata
+            self.header_metadata = dict(meta) if common is None else {k: v for k, v in common.items() if meta.get(k) == v}
             for name, info in part.items():
                 if name in infos:
                     raise CheckpointError(self.path, f"tensor '{name}' is stored in two shards", "layout")
@@ -258,6 +263,7 @@ class LazyCheckpoint(Mapping):
             if absent:
                 raise CheckpointError(self.path, f"index lists tensors no shard holds: {absent[:10]}", "layout")
         self.files = files
+        self.header_metadata = self.header_metadata or {}
         self._infos = dict(sorted(infos.items()))
 
     # Mapping protocol -------------------------------------------------------------------------

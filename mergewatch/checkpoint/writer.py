@@ -2,9 +2,13 @@
 
 The layout (names, dtypes, shapes) is known before the first byte is written (it is the base's), so
 the header is written first and tensors are then appended one at a time in canonical (sorted) order:
-the writer never holds more than the tensor it is given. Shards of at most ``shard_bytes`` of tensor
-data are written with a standard ``model.safetensors.index.json``. While writing, the writer computes
-each file's sha256 (for MANIFEST.json) and the checkpoint's content hash (see ``hashing``).
+the writer never holds more than the tensor it is given. A ``FileLayout`` says how the tensors are
+split into files: one ``model.safetensors``, shards of at most ``shard_bytes`` of tensor data, or
+given shards (the base's own boundaries, ``FileLayout.of``); shards carry Hugging Face's names
+(``model-00001-of-00003.safetensors``) and a standard ``model.safetensors.index.json`` with
+``metadata.total_size``, and every file's header carries the layout's ``__metadata__`` (published
+views: ``{"format": "pt"}``, which transformers expects). While writing, the writer computes each
+file's sha256 (for MANIFEST.json) and the checkpoint's content hash (see ``hashing``).
 
 ``atomic_directory`` gives the staging/rename protocol used by every durable artefact: write into a
 fresh directory under ``.staging/``, fsync each file and the directory, rename into place, fsync the
@@ -76,6 +80,66 @@ def _header_bytes(specs: Sequence[TensorSpec], metadata: dict[str, str] | None) 
     return struct.pack("<Q", len(raw)) + raw
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """How a checkpoint's tensors are split into files, and the header metadata of every file.
+
+    ``shards`` (names per file, in file order) wins over ``shard_bytes``; with neither, one
+    ``model.safetensors``. Names a shard lists that a checkpoint does not hold are skipped (a state
+    set may hold fewer names than the base), and so are shards left empty.
+    """
+
+    shard_bytes: int | None = None
+    shards: tuple[tuple[str, ...], ...] | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, ckpt, *, shard_bytes: int | None = None, metadata: dict[str, str] | None = None) -> FileLayout:
+        """The layout of the checkpoint ``ckpt`` (a ``LazyCheckpoint``): its own shard boundaries
+        unless ``shard_bytes`` is given (0: one file, N: shards of at most N bytes)."""
+        meta = tuple(sorted((metadata or {}).items()))
+        if shard_bytes is not None:
+            return cls(shard_bytes=shard_bytes or None, metadata=meta)
+        if ckpt.index_path is None:
+            return cls(metadata=meta)
+        by_file: dict[Path, list[str]] = {f: [] for f in ckpt.files}
+        for name in ckpt:
+            by_file[ckpt.info(name).file].append(name)
+        return cls(shards=tuple(tuple(names) for names in by_file.values()), metadata=meta)
+
+    def describes(self, ckpt) -> bool:
+        """``ckpt``'s files are already what a writer with this layout makes of its tensors: the same
+        files (Hugging Face's names for shards, an index with ``total_size``), the same tensors in
+        each, and this metadata in every header; they can then be published as they are."""
+        specs = [TensorSpec(n, ckpt.info(n).torch_dtype, ckpt.info(n).shape) for n in ckpt]
+        plan = self.plan(specs)
+        if len(plan) == 1:
+            if ckpt.index_path is not None:
+                return False
+        elif ckpt.index_path is None or [f.name for f in ckpt.files] != shard_file_names(len(plan)) or "total_size" not in ckpt.metadata:
+            return False
+        held = [[n for n in ckpt if ckpt.info(n).file == f] for f in ckpt.files]
+        return held == [[s.name for s in g] for g in plan] and ckpt.header_metadata == dict(self.metadata)
+
+    def plan(self, specs: Sequence[TensorSpec]) -> list[list[TensorSpec]]:
+        """``specs`` (sorted by name) grouped into files, in file order."""
+        if self.shards is None:
+            return plan_shards(specs, self.shard_bytes)
+        shard_of = {name: i for i, names in enumerate(self.shards) for name in names}
+        stray = [s.name for s in specs if s.name not in shard_of]
+        if stray:
+            raise ValueError(f"writer: tensor(s) {stray[:5]} belong to no shard of the layout")
+        groups: list[list[TensorSpec]] = [[] for _ in self.shards]
+        for s in specs:
+            groups[shard_of[s.name]].append(s)
+        return [g for g in groups if g] or [[]]
+
+
+def shard_file_names(n: int) -> list[str]:
+    """Hugging Face's names for ``n`` files: ``model.safetensors``, or ``model-00001-of-0000n...``."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
 def plan_shards(specs: Sequence[TensorSpec], shard_bytes: int | None) -> list[list[TensorSpec]]:
     """Split specs (in order) into shards of at most ``shard_bytes`` data bytes (a larger tensor
     gets a shard of its own). ``None`` means one file."""
@@ -96,7 +160,10 @@ class CheckpointWriter:
     """Write a checkpoint into ``directory`` (which must exist and be a staging location).
 
     Call ``write(name, tensor)`` once per spec, in spec order; ``close()`` finishes the files,
-    fsyncs them and returns ``files`` (name -> sha256) and ``content_sha256``.
+    fsyncs them and returns ``files`` (name -> sha256) and ``content_sha256``. The layout is
+    ``layout``, or one built from ``shard_bytes`` and ``metadata``. Given shards need not be
+    contiguous in name order (Hugging Face groups by module): every shard is appended to in name
+    order, several may be open at once, and each is closed as soon as its last tensor is in.
     """
 
     def __init__(
@@ -106,6 +173,7 @@ class CheckpointWriter:
         *,
         shard_bytes: int | None = None,
         metadata: dict[str, str] | None = None,
+        layout: FileLayout | None = None,
     ):
         self.directory = Path(directory)
         self.specs = sorted(specs, key=lambda s: s.name)
@@ -120,26 +188,27 @@ class CheckpointWriter:
                     f"writer: tensor '{s.name}' has dtype {s.dtype}, which safetensors here does not support "
                     f"(supported: {', '.join(str(d) for d in TORCH_TO_CODE)})"
                 )
-        self.metadata = metadata
-        shards = plan_shards(self.specs, shard_bytes)
-        if len(shards) == 1:
-            self._names = [SINGLE_FILE]
-        else:
-            n = len(shards)
-            self._names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if layout is None:
+            layout = FileLayout(shard_bytes=shard_bytes, metadata=tuple(sorted((metadata or {}).items())))
+        elif shard_bytes is not None or metadata is not None:
+            raise ValueError("writer: give either a layout or shard_bytes/metadata, not both")
+        self.metadata = dict(layout.metadata) or None
+        shards = layout.plan(self.specs)
+        self._names = shard_file_names(len(shards))
         self._shards = shards
         self._shard_of = {s.name: i for i, sh in enumerate(shards) for s in sh}
-        self._headers = [_header_bytes(sh, self.metadata if len(shards) == 1 else None) for sh in shards]
+        self._headers = [_header_bytes(sh, self.metadata) for sh in shards]
         self._offset: dict[str, int] = {}  # absolute byte offset of each tensor in its shard file
         for i, sh in enumerate(shards):
             off = len(self._headers[i])
             for sp in sh:
                 self._offset[sp.name] = off
                 off += sp.nbytes
+        self._left = [len(sh) for sh in shards]  # tensors each shard still waits for
         self._pos = 0
-        self._cur = -1
-        self._fh = None
-        self._sha = None
+        self._fhs: dict[int, object] = {}  # open shard files
+        self._shas: dict[int, object] = {}
+        self._done: dict[int, str] = {}  # finished shard -> sha256
         self.files: dict[str, str] = {}
         self._content = ContentHasher()
         self._pending: tuple = ()  # hash futures of the tensor being written
@@ -147,15 +216,13 @@ class CheckpointWriter:
         self.bytes_written = 0
 
     def _open_shard(self, i: int) -> None:
-        self._finish_shard()
-        self._cur = i
-        self._fh = open(self.directory / self._names[i], "wb")
-        self._sha = hashlib.sha256()
-        self._emit(self._headers[i])
+        self._fhs[i] = open(self.directory / self._names[i], "wb")
+        self._shas[i] = hashlib.sha256()
+        self._emit(i, self._headers[i])
 
-    def _emit(self, data) -> None:
-        self._fh.write(data)
-        self._sha.update(data)
+    def _emit(self, i: int, data) -> None:
+        self._fhs[i].write(data)
+        self._shas[i].update(data)
         self.bytes_written += len(data)
 
     def _join(self) -> None:
@@ -164,13 +231,12 @@ class CheckpointWriter:
         for f in pending:
             f.result()
 
-    def _finish_shard(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self.files[self._names[self._cur]] = self._sha.hexdigest()
-            self._fh = None
+    def _finish_shard(self, i: int) -> None:
+        fh = self._fhs.pop(i)
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        self._done[i] = self._shas.pop(i).hexdigest()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._pos >= len(self.specs):
@@ -183,8 +249,9 @@ class CheckpointWriter:
                 f"writer: tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, layout says {spec.shape} {spec.dtype}"
             )
         shard = self._shard_of[name]
-        if shard != self._cur:
+        if shard not in self._fhs:
             self._open_shard(shard)
+        fh, sha = self._fhs[shard], self._shas[shard]
         data = tensor_bytes(tensor)
         code = TORCH_TO_CODE[spec.dtype]
         if len(data) >= PARALLEL_HASH_BYTES:
@@ -196,16 +263,19 @@ class CheckpointWriter:
             # Deferring the join to the next call was measured: ~4 % faster, at the price of one
             # more live tensor per writer during the next tensor's merge; not worth it.
             pool = _hash_pool()
-            self._pending = (pool.submit(self._sha.update, data), pool.submit(self._content.add, name, code, spec.shape, data))
+            self._pending = (pool.submit(sha.update, data), pool.submit(self._content.add, name, code, spec.shape, data))
             try:
-                self._fh.write(data)
+                fh.write(data)
                 self.bytes_written += len(data)
             finally:
                 self._join()
         else:
-            self._emit(data)
+            self._emit(shard, data)
             self._content.add(name, code, spec.shape, data)
         self._pos += 1
+        self._left[shard] -= 1
+        if not self._left[shard]:
+            self._finish_shard(shard)
 
     @property
     def layout_key(self) -> tuple:
@@ -224,8 +294,8 @@ class CheckpointWriter:
         spec = next(sp for sp in self._shards[i] if sp.name == name)
         if self.specs.index(spec) >= self._pos:
             raise ValueError(f"writer: tensor '{name}' has not been written yet")
-        if i == self._cur and self._fh is not None:
-            self._fh.flush()
+        if i in self._fhs:
+            self._fhs[i].flush()
         raw = torch.empty(spec.nbytes, dtype=torch.uint8)
         view = memoryview(raw.numpy())
         got = 0
@@ -242,7 +312,7 @@ class CheckpointWriter:
         """Finish this (still empty) writer as a copy of ``leader``, which has been closed after
         receiving the tensors this one should have received: its files are hard-linked, not
         rewritten. Only valid when both have the same ``layout_key``."""
-        if self._pos or self._fh is not None:
+        if self._pos or self._fhs:
             raise ValueError("writer: adopt() needs a writer that has not written anything")
         if leader.layout_key != self.layout_key or leader.content_sha256 is None:
             raise ValueError("writer: adopt() needs a closed leader with the same layout")
@@ -259,7 +329,8 @@ class CheckpointWriter:
             raise ValueError(f"writer: {len(missing)} tensor(s) never written, first: {missing[0]}")
         if not self.specs:
             self._open_shard(0)
-        self._finish_shard()
+            self._finish_shard(0)
+        self.files = {self._names[i]: self._done[i] for i in range(len(self._shards))}
         if len(self._shards) > 1:
             total = sum(s.nbytes for s in self.specs)
             index = {

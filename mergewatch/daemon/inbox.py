@@ -11,6 +11,10 @@ Ignored: dot-files, ``*.partial``, ``*.tmp``, sidecars (``<name>.json``, ``meta.
 rejected with a reason rather than left lying in the inbox; a directory without its marker is
 waited for, never rejected.
 
+Order. Drops are merged in arrival order; drops that arrive together (a startup scan, entries with the
+same mtime) and the entries of a folder of experts (``mergewatch merge DIR``) go in natural order
+(``natural_key``): ``checkpoint-200`` before ``checkpoint-1000``, as a Trainer wrote them.
+
 Nothing here deletes user data: a rejected drop (and its sidecar) is *moved* to ``rejected/`` beside
 a ``<name>.reason.txt``.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -56,6 +61,17 @@ def file_sidecar(path: Path) -> Path | None:
         return None
     p = path.with_name(path.name.removesuffix(".safetensors") + ".json")
     return p if p.is_file() and not p.is_symlink() else None
+
+
+_DIGITS = re.compile(r"([0-9]+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that compares runs of digits by their value: ``checkpoint-200`` < ``checkpoint-1000``
+    (name order would put 1000 first and merge an EMA in the wrong time order). Ties (``x01``,
+    ``x1``) fall back to the name itself."""
+    parts = _DIGITS.split(name)  # text, digits, text, ...: the same kind at the same position
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
 
 
 def is_ignored(name: str) -> bool:
@@ -113,7 +129,7 @@ class Inbox:
                 entries.append((p.lstat().st_mtime_ns, p.name))
             except FileNotFoundError:
                 continue
-        entries.sort()
+        entries.sort(key=lambda e: (e[0], natural_key(e[1])))
         with self._lock:
             for _, name in entries:
                 self._candidates.setdefault(name, time.time())
@@ -134,7 +150,7 @@ class Inbox:
         """Complete drops, in arrival order; they stay candidates until ``forget``."""
         now = time.time() if now is None else now
         with self._lock:
-            items = sorted(self._candidates.items(), key=lambda kv: (kv[1], kv[0]))
+            items = sorted(self._candidates.items(), key=lambda kv: (kv[1], natural_key(kv[0])))
             moved = set(self._moved_in)
         out = []
         for name, seen in items:

@@ -29,6 +29,9 @@ Exposed metrics (``mergewatch_`` omitted)::
     deploy_held_back{policy}           gauge      published deploy versions the gate holds back now
     gate_held_back_total               counter    versions the deploy gate held back
     job_failures_total{job}            counter    exceptions raised by a scheduler job
+    engine_tasks_total{work}           counter    tasks a distributed backend ran (work: step | prepare)
+    engine_task_retries_total{work}    counter    task attempts run again after a worker or node died
+    engine_task_duration_seconds{work} histogram  one task of a distributed backend, in its worker
     build_info{version, policy}        info       constant 1
     process_*                          (namespaced mergewatch_process_*) CPU, memory, fds of the process
 """
@@ -53,6 +56,7 @@ DEFAULT_LISTEN = "127.0.0.1:9464"
 
 OUTCOMES = ("merged", "rejected", "duplicate")
 EVAL_OUTCOMES = ("ok", "failed")
+ENGINE_WORK = ("step", "prepare")
 DEFAULT_JOBS = ("rescan", "retention", "heartbeat", "evaluate")
 
 #: Buckets spanning a fraction of a second (a tiny test model) to hours (a large model on a CPU).
@@ -61,6 +65,12 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 
 LATENCY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400, float("inf"))
 
 __all__ = ["Metrics", "MetricsServer", "parse_listen", "CONTENT_TYPE_LATEST", "DEFAULT_LISTEN", "OUTCOMES", "VIEWS", "DEFAULT_JOBS"]
+
+
+def engine_event(report: dict) -> dict:
+    """A step's engine report for its log event: counts and the slowest and mean task, not every
+    task's duration (those go to ``engine_task_duration_seconds``)."""
+    return {k: v for k, v in report.items() if k != "task_seconds"}
 
 
 def _check(kind: str, value: str, allowed: Iterable[str]) -> str:
@@ -138,6 +148,16 @@ class Metrics:
         self.job_failures_total = Counter(
             "job_failures", "Exceptions raised by scheduled housekeeping jobs.", ["job"], namespace=ns, registry=r
         )
+        self.engine_tasks_total = Counter(
+            "engine_tasks", "Tasks run by a distributed engine backend ([engine] backend = ray).", ["work"], namespace=ns, registry=r
+        )
+        self.engine_task_retries_total = Counter(
+            "engine_task_retries", "Engine tasks run again after their worker or node died.", ["work"], namespace=ns, registry=r
+        )
+        self.engine_task_duration_seconds = Histogram(
+            "engine_task_duration_seconds", "Duration of one engine task in its worker.", ["work"], namespace=ns, registry=r,
+            buckets=DURATION_BUCKETS,
+        )
         self.build = Info("build", "Build and configuration of this daemon.", namespace=ns, registry=r)
         self.build.info({"version": version, "policy": policy})
         if process_metrics:
@@ -153,6 +173,10 @@ class Metrics:
             self.job_failures_total.labels(job=job)
         for outcome in EVAL_OUTCOMES:
             self.evaluations_total.labels(outcome=outcome)
+        for work in ENGINE_WORK:
+            self.engine_tasks_total.labels(work=work)
+            self.engine_task_retries_total.labels(work=work)
+            self.engine_task_duration_seconds.labels(work=work)
         self.deploy_held_back.labels(policy=policy)
         # ACC/BWT exist only once something was evaluated: a 0 would read as "accuracy dropped to 0".
 
@@ -186,6 +210,15 @@ class Metrics:
 
     def observe_prepare(self, seconds: float) -> None:
         self.prepare_duration_seconds.observe(seconds)
+
+    def observe_engine(self, work: str, report: dict) -> None:
+        """A step's or prepare's engine report (``engine.steps.StepResult.engine``): nothing for the
+        local backend."""
+        _check("work", work, ENGINE_WORK)
+        self.engine_tasks_total.labels(work=work).inc(report.get("tasks", 0))
+        self.engine_task_retries_total.labels(work=work).inc(report.get("retries", 0))
+        for seconds in report.get("task_seconds", ()):
+            self.engine_task_duration_seconds.labels(work=work).observe(seconds)
 
     def observe_drop_to_publish(self, seconds: float) -> None:
         self.drop_to_publish_seconds.observe(seconds)

@@ -40,7 +40,7 @@ from mergewatch.daemon import sdnotify
 from mergewatch.daemon.evaluation import Evaluations, refresh_gauges
 from mergewatch.daemon.inbox import Inbox, file_sidecar, parse_sidecar, reject
 from mergewatch.daemon.logs import configure_logging, get_logger
-from mergewatch.daemon.metrics import Metrics
+from mergewatch.daemon.metrics import Metrics, engine_event
 from mergewatch.daemon.scheduler import ProgressHeartbeat, make_scheduler
 from mergewatch.daemon.watcher import InboxWatcher
 from mergewatch.ledger import ExpertRow
@@ -94,7 +94,8 @@ class Daemon:
             self.evals.start()
         self.scheduler = make_scheduler(jobs, metrics=self.metrics, start=True)
         self.inbox.scan()
-        self.log.info("ready", workspace=str(self.ws.root), policy=self.policy_name, metrics_port=getattr(self.server, "port", None))
+        self.log.info("ready", workspace=str(self.ws.root), policy=self.policy_name, metrics_port=getattr(self.server, "port", None),
+                      architecture=self.ws.table.name, treated=self.ws.treated)
         sdnotify.ready()
         sdnotify.status(f"ready: step {self._step()} queue {self.ledger.queue_depth()}")
         try:
@@ -285,11 +286,13 @@ class Daemon:
         step = outcome.step
         self.metrics.count_expert("merged")
         self.metrics.observe_merge(outcome.merge_seconds)
+        self.metrics.observe_engine("step", outcome.engine)
         self.metrics.observe_publish(outcome.publish_seconds)
         self.metrics.observe_drop_to_publish(max(0.0, time.time() - row.received_at))  # from first seen in the inbox
         self.metrics.mark_success()
         self._refresh_gauges()
-        log.info("merged", versions=outcome.versions, seconds=round(outcome.seconds, 3), prepared=outcome.prepared)
+        log.info("merged", versions=outcome.versions, seconds=round(outcome.seconds, 3), prepared=outcome.prepared,
+                 engine=engine_event(outcome.engine))
         if self.evals is not None:
             self.evals.published(step, outcome.versions.get("deploy"))
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
@@ -321,7 +324,9 @@ class Daemon:
             return True
         if out is not None:
             self.metrics.observe_prepare(out.seconds)
-            self.log.info("prepared", step=out.step, seconds=round(out.seconds, 3), bytes=out.bytes_written)
+            self.metrics.observe_engine("prepare", out.engine)
+            self.log.info("prepared", step=out.step, seconds=round(out.seconds, 3), bytes=out.bytes_written,
+                          engine=engine_event(out.engine))
         sdnotify.status(f"idle: step {step}, deploy v{self.ws.publishers['deploy'].current()}")
         return True
 

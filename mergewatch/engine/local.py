@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mergewatch.checkpoint.reader import LazyCheckpoint
+from mergewatch.checkpoint.writer import FileLayout
 from mergewatch.engine.sinks import PassSinks, sink_path
 from mergewatch.engine.work import add_stats, tensor_work
 from mergewatch.numeric import release_freed_memory
@@ -63,19 +64,21 @@ def run_passes(
     experts: Sequence[Mapping[str, torch.Tensor]],
     prev_sets: Mapping[str, Mapping[str, torch.Tensor]],
     out_dir: Path,
-    shard_bytes: int | None,
+    layout: FileLayout | None,
     progress: Progress | None,
+    run_pass: Callable | None = None,
 ) -> tuple[dict[str, LazyCheckpoint], dict[str, tuple[str, dict[str, str]]], int]:
     """Stream every tensor name through ``passes`` in order, writing their sinks under ``out_dir``.
     Returns the sinks written (re-opened for reading), their (content sha256, file hashes) and the
-    bytes written."""
+    bytes written. ``run_pass`` runs one pass's names (default: here, ``_run_pass``; the Ray
+    executor gives its own, ``ray_backend.py``)."""
     sources = _Sources(base, experts, prev_sets, {})
     hashes: dict[str, tuple[str, dict[str, str]]] = {}
     bytes_written = 0
     for number, p in enumerate(passes, start=1):
-        sinks = PassSinks.open(strategy, p, ctx.model, out_dir, sources.fresh, shard_bytes)
+        sinks = PassSinks.open(strategy, p, ctx.model, out_dir, sources.fresh, layout)
         report = partial(progress, p.label or p.name, number, len(passes)) if progress else None
-        totals = _run_pass(strategy, p, ctx, sources, sinks, report)
+        totals = (run_pass or _run_pass)(strategy, p, ctx, sources, sinks, report)
         for sink, files in sinks.close().items():
             hashes[sink] = files
             sources.fresh[sink] = LazyCheckpoint(sink_path(out_dir, sink))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mergewatch.checkpoint.writer import CheckpointWriter, TensorSpec
+from mergewatch.checkpoint.writer import CheckpointWriter, FileLayout, TensorSpec
 from mergewatch.engine.work import StrategyError, sink_dtype
 from mergewatch.strategies.base import VIEWS, ModelInfo, Pass, Strategy
 
@@ -43,15 +43,17 @@ class PassSinks:
 
     @classmethod
     def open(cls, strategy: Strategy, p: Pass, model: ModelInfo, out_dir: Path, done: Collection[str],
-             shard_bytes: int | None) -> PassSinks:
-        """Writers for ``p.writes`` under ``out_dir``; ``done`` are the sinks earlier passes wrote."""
+             layout: FileLayout | None) -> PassSinks:
+        """Writers for ``p.writes`` under ``out_dir``, each split into files as ``layout`` says (the
+        same for every sink, so that sinks with the same tensors have the same files: mirroring);
+        ``done`` are the sinks earlier passes wrote."""
         writers: dict[str, CheckpointWriter] = {}
         for sink in p.writes:
             if sink in done or sink in writers:
                 raise StrategyError(f"{strategy.name}: sink '{sink}' written twice in one step")
             d = sink_path(out_dir, sink)
             d.mkdir(parents=True)
-            writers[sink] = CheckpointWriter(d, _specs(strategy, sink, model), shard_bytes=shard_bytes)
+            writers[sink] = CheckpointWriter(d, _specs(strategy, sink, model), layout=layout or FileLayout())
         return cls(writers)
 
     def layout(self, name: str) -> dict[str, tuple[int, ...]]:

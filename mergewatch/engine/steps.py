@@ -1,6 +1,7 @@
 """One step of a strategy, and the work prepared ahead for the next one (DESIGN §4).
 
-``run_step`` runs the strategy's passes over the model (through the local executor, ``local.py``)
+``run_step`` runs the strategy's passes over the model (through the local executor, ``local.py``,
+or with ``[engine] backend = "ray"`` on a Ray cluster, ``ray_backend.py``: the same bytes)
 into a single directory, a staging directory that the caller renames into ``state/<t>/`` once
 complete (``state.py``):
 
@@ -20,19 +21,39 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mergewatch.checkpoint.reader import LazyCheckpoint
 from mergewatch.checkpoint.roles import RoleTable, num_blocks
+from mergewatch.checkpoint.writer import FileLayout
 from mergewatch.engine.local import run_passes
 from mergewatch.engine.sinks import drop_scratch
 from mergewatch.engine.work import StrategyError
 from mergewatch.numeric import DEFAULT_THREADS, pinned_threads
 from mergewatch.strategies.base import VIEWS, ModelInfo, StepContext, Strategy, TensorMeta, ViewSource
 
+if TYPE_CHECKING:
+    from mergewatch.config import EngineSettings
+
 #: progress(pass_label, pass_number, n_passes, done, total)
 Progress = Callable[[str, int, int, int, int], None]
+
+
+def executor(engine: EngineSettings | None, threads: int) -> Callable:
+    """What runs a step's passes: ``local.run_passes``, or with ``[engine] backend = "ray"`` a
+    ``RayExecutor`` (same signature and bytes; its ``report`` says how it went)."""
+    if engine is None or engine.backend == "local":
+        return run_passes
+    from mergewatch.engine.ray_backend import RayExecutor
+
+    return RayExecutor(engine.ray, threads)
+
+
+def _engine_report(run: Callable) -> dict:
+    report = getattr(run, "report", None)
+    return report.summary() if report is not None else {"backend": "local"}
 
 
 def build_model_info(base: LazyCheckpoint, table: RoleTable) -> ModelInfo:
@@ -52,6 +73,7 @@ class StepResult:
     seconds: float = 0.0
     bytes_written: int = 0
     stats: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # the executor's report (ray_backend.EngineReport)
 
 
 def run_step(
@@ -62,14 +84,16 @@ def run_step(
     prev_sets: Mapping[str, Mapping[str, torch.Tensor]],
     out_dir: str | Path,
     *,
-    shard_bytes: int | None = None,
+    layout: FileLayout | None = None,
     progress: Progress | None = None,
     threads: int = DEFAULT_THREADS,
+    engine: EngineSettings | None = None,
 ) -> StepResult:
     """Run one step of ``strategy`` writing into ``out_dir`` (an empty staging directory).
 
     ``experts`` are the buffered experts oldest first, the new expert θ_t last (only θ_t unless the
-    strategy's buffer need is ALL). ``prev_sets`` are the previous step's state sets. The passes
+    strategy's buffer need is ALL). ``prev_sets`` are the previous step's state sets. Every sink is
+    split into files as ``layout`` says (default: one file without metadata). The passes
     run with exactly ``threads`` intra-op threads (``mergewatch.numeric``: the bits must not depend
     on the calling process's thread count).
     """
@@ -79,7 +103,8 @@ def run_step(
     state_sets = tuple(strategy.state_sets(ctx.t))
     views = strategy.view_sources(ctx)
     with pinned_threads(threads):
-        written, hashes, bytes_written = run_passes(strategy, passes, ctx, base, experts, prev_sets, out_dir, shard_bytes, progress)
+        run = executor(engine, threads)
+        written, hashes, bytes_written = run(strategy, passes, ctx, base, experts, prev_sets, out_dir, layout, progress)
     for s in state_sets:
         if s not in written:
             raise StrategyError(f"{strategy.name}: state set '{s}' was never written")
@@ -103,6 +128,7 @@ def run_step(
         views=view_info,
         seconds=time.monotonic() - t0,
         bytes_written=bytes_written,
+        engine=_engine_report(run),
         stats={k: v for k, v in ctx.scalars.items() if isinstance(v, (int, float, str, bool))},
     )
 
@@ -113,6 +139,7 @@ class PrepareResult:
     sets: dict[str, str]  # prepared set -> content sha256
     seconds: float = 0.0
     bytes_written: int = 0
+    engine: dict = field(default_factory=dict)  # as StepResult.engine
 
 
 def run_prepare(
@@ -122,9 +149,10 @@ def run_prepare(
     sets: Mapping[str, Mapping[str, torch.Tensor]],
     out_dir: str | Path,
     *,
-    shard_bytes: int | None = None,
+    layout: FileLayout | None = None,
     progress: Progress | None = None,
     threads: int = DEFAULT_THREADS,
+    engine: EngineSettings | None = None,
 ) -> PrepareResult:
     """Compute ``strategy.prepared_sets(ctx.t)`` from the committed ``sets`` of step ``ctx.t`` into
     ``out_dir`` (an empty staging directory; base.py, "Prepared sets"). No expert is read and no
@@ -140,9 +168,10 @@ def run_prepare(
         if any(sink in VIEWS for sink in p.writes):
             raise StrategyError(f"{strategy.name}/{p.name}: a prepare pass cannot write a view")
     with pinned_threads(threads):
-        written, hashes, bytes_written = run_passes(strategy, passes, ctx, base, [], sets, out_dir, shard_bytes, progress)
+        run = executor(engine, threads)
+        written, hashes, bytes_written = run(strategy, passes, ctx, base, [], sets, out_dir, layout, progress)
     missing = [s for s in wanted if s not in written]
     if missing:
         raise StrategyError(f"{strategy.name}: prepared set(s) {missing} were never written")
     drop_scratch(out_dir, written, keep=set(wanted))
-    return PrepareResult(out_dir, {s: hashes[s][0] for s in wanted}, time.monotonic() - t0, bytes_written)
+    return PrepareResult(out_dir, {s: hashes[s][0] for s in wanted}, time.monotonic() - t0, bytes_written, _engine_report(run))

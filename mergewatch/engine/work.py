@@ -58,6 +58,10 @@ def tensor_work(
         raise StrategyError(f"{where}: '{name}' produced sinks {sorted(out.tensors)}, expected {sorted(layout)}")
     checked: set[int] = set()  # views and state often share one tensor: check it once
     cast: dict[str, torch.Tensor] = {}
+    # One cast per (tensor, dtype): sinks given the same tensor get the same object back in every
+    # dtype, which is what lets a sink mirror another (sinks.py: EMA's deploy and init views of a
+    # bf16 base become hard links of one file, not two copies).
+    casts: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     for sink, tensor in out.tensors.items():
         if tuple(tensor.shape) != layout[sink]:
             raise StrategyError(f"{where}: '{name}' -> {sink} has shape {tuple(tensor.shape)}, expected {layout[sink]}")
@@ -65,7 +69,11 @@ def tensor_work(
             if not all_finite(tensor):
                 raise StrategyError(f"{where}: non-finite values in '{name}' -> {sink}")
             checked.add(id(tensor))
-        cast[sink] = tensor.to(sink_dtype(sink, meta))
+        dtype = sink_dtype(sink, meta)
+        key = (id(tensor), dtype)
+        if key not in casts:
+            casts[key] = tensor.to(dtype)
+        cast[sink] = casts[key]
     return cast, out.stats
 
 

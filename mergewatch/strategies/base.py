@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 
 from mergewatch.checkpoint.roles import TensorRole
+from mergewatch.errors import ConfigError
 from mergewatch.params import Declares, validate
 from mergewatch.views import VIEWS
 
@@ -83,6 +84,17 @@ class ModelInfo:
     @property
     def mergeable(self) -> list[TensorMeta]:
         return [m for m in self.metas.values() if m.role.mergeable]
+
+
+def treatment_counts(strategy: "Strategy", model: ModelInfo) -> dict[str, dict[str, int]]:
+    """treatment -> {kind (``TensorRole.label``) -> number of tensors}, sorted; frozen tensors are
+    copied from θ0 by the engine and counted as "frozen"."""
+    out: dict[str, dict[str, int]] = {}
+    for m in model.metas.values():
+        tr = strategy.treatment(m) if m.role.mergeable else "frozen"
+        by_kind = out.setdefault(tr, {})
+        by_kind[m.role.label] = by_kind.get(m.role.label, 0) + 1
+    return {tr: dict(sorted(kinds.items())) for tr, kinds in sorted(out.items())}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -178,6 +190,9 @@ class Strategy(Declares):
     #: True when the strategy assumes experts fine-tuned from θ0 (DFCMM methods: the config
     #: requires init zs).
     requires_zs_init: ClassVar[bool] = False
+    #: the ``treatment`` that at least one tensor must get, or the strategy refuses the model
+    #: (``check_model``): e.g. "projected" for OPCM. None: any model.
+    required_treatment: ClassVar[str | None] = None
 
     def __init__(self, params: Mapping[str, Any]):
         """``self.params``: every declared parameter, checked (``ParamError``), defaults filled in."""
@@ -220,6 +235,25 @@ class Strategy(Declares):
     def next_meta(self, ctx: StepContext) -> dict:
         """The JSON state to store after this step (scalars of ``ctx.scalars`` worth keeping)."""
         return {"t": ctx.t}
+
+    # What a step does with each tensor -------------------------------------------------------
+    def treatment(self, meta: TensorMeta) -> str:
+        """What a step does with one mergeable tensor, in a word or two (e.g. "projected" or
+        "added"): the steps record how many tensors of each kind got each treatment."""
+        return "merged"
+
+    def nothing_selected(self, model: ModelInfo) -> str:
+        """Why no tensor of ``model`` gets the ``required_treatment``, and what to do about it."""
+        return (f"no tensor of this model is a linear layer for it (role table '{model.table}'): name the model's "
+                f"architecture in [model] architecture or mark its linear layers in [model] roles")
+
+    def check_model(self, model: ModelInfo) -> dict[str, dict[str, int]]:
+        """``treatment_counts`` of ``model``; a ConfigError naming the strategy when no tensor would
+        get its ``required_treatment`` (a method that would silently leave the model as it is)."""
+        counts = treatment_counts(self, model)
+        if self.required_treatment is not None and not counts.get(self.required_treatment):
+            raise ConfigError("model.architecture", f"{self.name}: {self.nothing_selected(model)}")
+        return counts
 
     def describe(self) -> dict:
         """Name and hyper-parameters, for MANIFEST.json."""

@@ -5,7 +5,7 @@ State after step t: the merged model W^m_t (state set ``"merged"``, float32). Th
 W^m_t itself; the init view is θ0 (a DFCMM method: every expert is fine-tuned from the base).
 
 For expert t ≥ 2 and each *selected* layer (a ``linear`` weight, or one row block q, k, v of a
-``fused_linear``, whose name matches one of the ``select`` regexes), with τ = W_t − W0 and
+``fused_linear``, as an out × in matrix: ``TensorRole.split``), with τ = W_t − W0 and
 Δ = W^m_{t−1} − W0 (both d_out × d_in; operators act on the input side, τ·R):
 
 * U = the first r_p right singular vectors of Δ (d_in × k, k ≤ r_p), V1 = the first r_v right
@@ -28,6 +28,14 @@ that is what lets the engine stream the model one tensor at a time (``nufilt_lay
 
 Decisions and choices where the spec leaves room (tested in ``tests/test_nufilt.py``):
 
+* **Selection** by the role table's kinds (``kinds``, default attn_in, attn_out, mlp_in: "the
+  attention q, k, v and output projections and the first MLP matrix", SPEC §3.2): open_clip's
+  ``in_proj_weight``/``out_proj``/``c_fc``, HF CLIP's q/k/v/out_proj and fc1, BERT's query/key/value,
+  attention output and intermediate dense, Llama/Qwen's q/k/v/o_proj and *both* gate_proj and
+  up_proj (the SwiGLU's two first matrices), GPT-2's c_attn, attn.c_proj and mlp.c_fc. ``select``
+  (name regexes, re.search) replaces the kinds when given. A step that would select no layer is
+  refused (``check_model``): a model whose table names no kinds (``generic``) needs ``select`` or
+  an architecture.
 * **t = 1** (SPEC Decision): P = I and no LoRA solve, W^m_1 = θ0 + τ_1 = θ_1 on the selected layers
   (θ_1's values are copied, not recomputed as θ0 + (θ_1 − θ0), which would round).
 * **Other tensors** (everything not selected, including the second MLP matrix ``c_proj``/``fc2``,
@@ -76,6 +84,7 @@ from typing import Any
 import torch
 
 from mergewatch.strategies.base import (
+    ModelInfo,
     Pass,
     PassOutput,
     StepContext,
@@ -85,16 +94,12 @@ from mergewatch.strategies.base import (
 )
 from mergewatch.params import Param, ParamError
 
-#: attention q, k, v (open_clip's fused ``in_proj_weight``: each row block is its own layer), the
-#: attention output projection and the first MLP matrix; open_clip and HF CLIP names. Not the
-#: second MLP matrix (``c_proj`` / ``fc2``).
-DEFAULT_SELECT = [
-    r"(^|\.)attn\.in_proj_weight$",
-    r"(^|\.)attn\.out_proj\.weight$",
-    r"(^|\.)mlp\.c_fc\.weight$",
-    r"(^|\.)self_attn\.(q|k|v|out)_proj\.weight$",
-    r"(^|\.)mlp\.fc1\.weight$",
-]
+#: attention q, k, v (a fused qkv: each row block is its own layer), the attention output
+#: projection and the first MLP matrix (both gate and up of a SwiGLU), by the role tables' kinds.
+#: Not the second MLP matrix (``c_proj`` / ``fc2`` / ``down_proj``).
+DEFAULT_KINDS = ("attn_in", "attn_out", "mlp_in")
+#: the kinds a role table gives to linear maps (``roles.KINDS``): the ones NuFILT can select
+LINEAR_KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
 OTHERS = ("base", "ta")
 SVD_METHODS = ("full", "randomized")
 ADAM_EPS = 1e-8
@@ -239,6 +244,7 @@ class NuFILT(Strategy):
     name = "nufilt"
     paper = "Qiu et al., ICLR 2026, 'Null-space filtering for data-free continual model merging' (NuFILT)"
     requires_zs_init = True
+    required_treatment = "filtered"
     param_defs = (
         Param("r_p", int, 128, "rank of Δ's protected input subspace U", min=1),
         Param("r_l", int, 64, "LoRA rank", min=1),
@@ -247,26 +253,48 @@ class NuFILT(Strategy):
         Param("steps", int, 50, "Adam steps per layer", min=0),
         Param("betas", list, (0.9, 0.999), "Adam betas", item=float, length=2, min=0.0, max=1.0, max_open=True),
         Param("lora_std", float, 0.02, "standard deviation of A's initialisation", min=0.0, min_open=True),
-        Param("select", list, tuple(DEFAULT_SELECT), "regular expressions of the selected linear layers (re.search)", item=str),
+        Param("kinds", list, DEFAULT_KINDS, f"kinds of linear layers filtered (role tables; any of {', '.join(LINEAR_KINDS)})", item=str),
+        Param("select", list, None, "regular expressions of the filtered linear layers (re.search), replacing `kinds`; unset: by kind", item=str),
         Param("others", str, "base", "the mergeable tensors not selected: θ0 (stored as nothing), or the running average of the experts", choices=OTHERS),
         Param("svd", str, "full", "SVD of Δ: exact, or randomized (seeded)", choices=SVD_METHODS),
     )
 
     def __init__(self, params: Mapping[str, Any]):
         super().__init__(params)
-        patterns = []
-        for s in self.params["select"]:
-            try:
-                patterns.append(re.compile(s))
-            except re.error as e:
-                raise ParamError(self.name, "select", f"parameter 'select' has an invalid regular expression {s!r}: {e}") from e
+        for i, k in enumerate(self.params["kinds"]):
+            if k not in LINEAR_KINDS:
+                raise ParamError(self.name, "kinds", f"parameter 'kinds' must list kinds of linear layers ({', '.join(LINEAR_KINDS)}), got {k!r}", index=i)
+        self.kinds = frozenset(self.params["kinds"])
+        patterns = None
+        if self.params["select"] is not None:
+            patterns = []
+            for s in self.params["select"]:
+                try:
+                    patterns.append(re.compile(s))
+                except re.error as e:
+                    raise ParamError(self.name, "select", f"parameter 'select' has an invalid regular expression {s!r}: {e}") from e
         self.patterns = patterns
         self.others = self.params["others"]
 
     # Declarations ------------------------------------------------------------------------------
     def selected(self, meta: TensorMeta) -> bool:
-        """A ``linear``/``fused_linear`` tensor whose name matches a ``select`` pattern."""
-        return meta.role.matrix and any(pat.search(meta.name) for pat in self.patterns)
+        """A ``linear``/``fused_linear`` tensor of one of ``kinds``, or whose name matches a
+        ``select`` pattern when those are given."""
+        if not meta.role.matrix:
+            return False
+        if self.patterns is not None:
+            return any(pat.search(meta.name) for pat in self.patterns)
+        return meta.role.kind in self.kinds
+
+    def treatment(self, meta: TensorMeta) -> str:
+        if self.selected(meta):
+            return "filtered"
+        return "averaged" if self.others == "ta" else "kept at base"
+
+    def nothing_selected(self, model: ModelInfo) -> str:
+        how = f"select = {self.params['select']}" if self.patterns is not None else f"kinds = {sorted(self.kinds)}"
+        return (f"{how} selects no linear layer of this model (role table '{model.table}'): name its architecture in "
+                f"[model] architecture, give kinds to its layers in [model] roles, or set select")
 
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("merged",)
@@ -302,7 +330,7 @@ class NuFILT(Strategy):
         u_all = torch.zeros(shapes["delta_u"], dtype=torch.float32)
         ranks = torch.zeros(shapes["delta_rank"], dtype=torch.float32)
         delta = inp.state["merged"] - inp.base
-        for j, delta_j in enumerate(delta.chunk(meta.role.row_blocks, dim=0)):
+        for j, delta_j in enumerate(meta.role.split(delta)):
             u = self.delta_subspace(delta_j, lambda purpose, _l=f"{meta.name}#{j}": self._generator(ctx, _l, purpose, ahead=True))
             u_all[j, :, : u.shape[1]] = u
             ranks[j] = u.shape[1]
@@ -354,13 +382,13 @@ class NuFILT(Strategy):
             ahead = unstack_subspaces(inp.state, meta) if all(k in inp.state for k in PREPARED_SETS) else [None] * nb
             updates = []
             first = last = 0.0
-            for j, (tau_j, delta_j) in enumerate(zip(tau.chunk(nb, dim=0), delta.chunk(nb, dim=0))):
+            for j, (tau_j, delta_j) in enumerate(zip(meta.role.split(tau), meta.role.split(delta), strict=True)):
                 layer = f"{meta.name}#{j}"
                 res = self.merge_layer(tau_j, delta_j, lambda purpose, _l=layer: self._generator(ctx, _l, purpose), u=ahead[j])
                 updates.append(res.update)
                 first += res.losses[0]
                 last += res.losses[-1]
-            merged = prev + torch.cat(updates, dim=0)
+            merged = prev + meta.role.join(updates)
             stats = {"loss_first": torch.tensor(first, dtype=torch.float64), "loss_last": torch.tensor(last, dtype=torch.float64)}
             return PassOutput(tensors={"deploy": merged, "merged": merged}, stats=stats)
         if self.others == "ta":
@@ -374,18 +402,19 @@ PREPARED_SETS = ("delta_u", "delta_rank")
 
 
 def subspace_shapes(meta: TensorMeta, r_p: int) -> dict[str, tuple[int, ...]]:
-    """Stored shapes for one selected tensor: nb row blocks of (d_out/nb) × d_in, k = min(r_p,
-    d_out/nb, d_in) columns at most (fewer when Δ's numerical rank is lower: zero-padded)."""
-    nb = meta.role.row_blocks
-    d_out, d_in = meta.shape
-    return {"delta_u": (nb, d_in, min(r_p, d_out // nb, d_in)), "delta_rank": (nb,)}
+    """Stored shapes for one selected tensor: nb linear maps of d_i × d_in (``TensorRole.split``),
+    k = min(r_p, max d_i, d_in) columns at most (fewer when Δ's numerical rank or a block's rows are
+    lower: zero-padded)."""
+    rows = meta.role.block_rows(meta.shape)
+    d_in = meta.role.matrix_shape(meta.shape)[1]
+    return {"delta_u": (len(rows), d_in, min(r_p, max(rows), d_in)), "delta_rank": (len(rows),)}
 
 
 def unstack_subspaces(stored: Mapping[str, torch.Tensor], meta: TensorMeta) -> list[torch.Tensor]:
     """Each row block's U (d_in × rank, a fresh contiguous float32 tensor) from the prepared sets."""
     u, ranks = stored["delta_u"], stored["delta_rank"]
     nb = meta.role.row_blocks
-    if u.dim() != 3 or u.shape[0] != nb or u.shape[1] != meta.shape[1] or tuple(ranks.shape) != (nb,):
+    if u.dim() != 3 or u.shape[0] != nb or u.shape[1] != meta.role.matrix_shape(meta.shape)[1] or tuple(ranks.shape) != (nb,):
         raise ValueError(f"nufilt: prepared subspace of '{meta.name}' has shapes {tuple(u.shape)}, {tuple(ranks.shape)}")
     out = []
     for j in range(nb):

@@ -9,7 +9,8 @@ store: λ_t cannot be recovered from the deployed weights). The deployed model i
 
 * t = 1: S_1 = τ_1, λ_1 = 1; the deployed model is θ_1 itself (copied, not recomputed as
   θ0 + (θ_1 − θ0), which would round).
-* t ≥ 2, per ``linear`` weight (each row block q, k, v of a ``fused_linear`` separately): with
+* t ≥ 2, per ``linear`` weight (each row block q, k, v of a ``fused_linear`` separately, the
+  out × in transpose of a Conv1D weight: ``TensorRole.split``): with
   Δ = S_{t−1} (it has the singular vectors of M_{t−1} = S_{t−1}/λ_{t−1}) and its thin SVD
   Δ = U Σ Vᵀ (p = min(d_out, d_in) pairs),
 
@@ -19,7 +20,8 @@ store: λ_t cannot be recovered from the deployed weights). The deployed model i
 
   so that Uᵀ τ̃_t V has a zero diagonal and a zero top-left r × r block: the update is orthogonal
   to the "important" singular directions of the previous merge. Every ``other`` tensor (biases,
-  norms, embeddings, class/positional embeddings, ``visual.proj``...) takes τ̃_t = τ_t
+  norms, embeddings, class/positional embeddings, ``visual.proj``, a language model's ``lm_head``
+  tied or not: no float64 SVD of a vocab × hidden matrix, README "Architectures and roles") takes τ̃_t = τ_t
   (**Decision** of SPEC §3.1: they are all merged, unlike the reference code which skips a few
   by accident of module structure). S_t = S_{t−1} + τ̃_t.
 * n_t = ‖τ_t‖ and ‖S_t‖ over all mergeable tensors; λ_t = ‖S_t‖ / (Σ_{i≤t} n_i / t), hence
@@ -162,12 +164,15 @@ FACTOR_SETS = ("svd_u", "svd_s", "svd_vh")
 
 
 def factor_shapes(role: TensorRole, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Shapes of one tensor's stacked factors: with b row blocks of (m/b) × n and p = min(m/b, n),
-    U is m × p, σ is b × p and Vᵀ is (b·p) × n."""
-    b = role.row_blocks
-    m, n = shape
-    p = min(m // b, n)
-    return {"svd_u": (m, p), "svd_s": (b, p), "svd_vh": (b * p, n)}
+    """Shapes of one tensor's stacked factors: with b linear maps of d_i × n (``TensorRole.split``:
+    q, k, v of a fused_linear, the transpose of a Conv1D weight), p_i = min(d_i, n) pairs each and
+    p = max p_i, U is (Σ d_i) × p, σ is b × p and Vᵀ is (b·p) × n. A block with p_i < p (k and v
+    under grouped-query attention) fills the first p_i columns of its U rows, entries of its σ row
+    and rows of its Vᵀ part; the rest are zeros. Equal blocks: p_i = p."""
+    rows = role.block_rows(shape)
+    n = role.matrix_shape(shape)[1]
+    p = max(min(r, n) for r in rows)
+    return {"svd_u": (sum(rows), p), "svd_s": (len(rows), p), "svd_vh": (len(rows) * p, n)}
 
 
 def stack_factors(factors: list[SVDFactors | None], role: TensorRole, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -176,12 +181,14 @@ def stack_factors(factors: list[SVDFactors | None], role: TensorRole, shape: tup
     shapes = factor_shapes(role, shape)
     u, sigma, vh = (torch.zeros(shapes[k], dtype=torch.float32) for k in FACTOR_SETS)
     p = shapes["svd_s"][1]
-    rows = shape[0] // len(factors)
-    for i, f in enumerate(factors):
+    off = 0
+    for i, (f, rows) in enumerate(zip(factors, role.block_rows(shape), strict=True)):
         if f is not None:
-            u[i * rows:(i + 1) * rows] = f.u
-            sigma[i] = f.sigma
-            vh[i * p:(i + 1) * p] = f.vh
+            k = f.sigma.shape[0]
+            u[off:off + rows, :k] = f.u
+            sigma[i, :k] = f.sigma
+            vh[i * p:i * p + k] = f.vh
+        off += rows
     return {"svd_u": u, "svd_s": sigma, "svd_vh": vh}
 
 
@@ -192,15 +199,19 @@ def unstack_factors(stored: Mapping[str, torch.Tensor], role: TensorRole, shape:
     for k in FACTOR_SETS:
         if tuple(stored[k].shape) != shapes[k]:
             raise ValueError(f"opcm: prepared {k} has shape {tuple(stored[k].shape)}, expected {shapes[k]}")
-    b, p = shapes["svd_s"]
-    rows = shape[0] // b
+    p = shapes["svd_s"][1]
+    n = shapes["svd_vh"][1]
     out: list[SVDFactors | None] = []
-    for i in range(b):
-        sigma = stored["svd_s"][i]
+    off = 0
+    for i, rows in enumerate(role.block_rows(shape)):
+        k = min(rows, n)
+        sigma = stored["svd_s"][i, :k]
+        u = stored["svd_u"][off:off + rows]
+        off += rows
         if not bool(sigma.any()):
             out.append(None)
             continue
-        out.append(canonical(stored["svd_u"][i * rows:(i + 1) * rows], sigma, stored["svd_vh"][i * p:(i + 1) * p]))
+        out.append(canonical(u if k == p else u[:, :k], sigma, stored["svd_vh"][i * p:i * p + k]))
     return out
 
 
@@ -274,6 +285,7 @@ class OPCM(Strategy):
     name = "opcm"
     paper = "Tang et al. 2025, 'Merging models on the fly without retraining: a sequential approach to scalable continual model merging' (OPCM)"
     requires_zs_init = True
+    required_treatment = "projected"
     param_defs = (fraction("alpha", 0.5, "share of the singular-value mass of Δ whose directions are protected (< 1: at 1 the rank depends on float rounding)"),)
 
     def __init__(self, params: Mapping[str, Any]):
@@ -281,6 +293,9 @@ class OPCM(Strategy):
         self.alpha = self.params["alpha"]
 
     # Declarations ------------------------------------------------------------------------------
+    def treatment(self, meta: TensorMeta) -> str:
+        return "projected" if meta.role.matrix else "added"
+
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("S",)
 
@@ -302,7 +317,7 @@ class OPCM(Strategy):
         if not meta.role.matrix:
             return PassOutput()  # not in the factor sets (``sink_shape``)
         s = inp.state["S"]
-        factors = [svd_factors(d) for d in s.chunk(meta.role.row_blocks, dim=0)]
+        factors = [svd_factors(d) for d in meta.role.split(s)]
         return PassOutput(tensors=stack_factors(factors, meta.role, meta.shape))
 
     def next_meta(self, ctx: StepContext) -> dict:
@@ -334,11 +349,11 @@ class OPCM(Strategy):
             else:
                 # The SVDs first, τ afterwards: the float64 SVD is the step's memory peak and τ is
                 # not needed for it (same result as ``opcm_update``, one tensor less at the peak).
-                factors = [svd_factors(d) for d in prev.chunk(meta.role.row_blocks, dim=0)]
+                factors = [svd_factors(d) for d in meta.role.split(prev)]
             tau = inp.expert - inp.base
-            parts = [project_with(t, f, self.alpha) for t, f in zip(tau.chunk(len(factors), dim=0), factors)]
+            parts = [project_with(t, f, self.alpha) for t, f in zip(meta.role.split(tau), factors, strict=True)]
             del factors
-            update = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+            update = meta.role.join(parts)  # the stored layout (a single untransposed map: parts[0] itself)
             del parts
             s_new = update.add_(prev)
         else:

@@ -163,12 +163,14 @@ def _uniform(x: MergeInputs) -> list[float]:
 
 
 def per_block(role: TensorRole, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` to each row block of a fused_linear tensor separately (q, k, v) and re-stack;
-    other tensors are passed whole (SPEC §1.2 "Fused tensors")."""
-    if role.role is not Role.FUSED_LINEAR:
+    """Apply ``fn`` to each linear map a tensor holds, as an out × in matrix (``TensorRole.split``:
+    each row block q, k, v of a fused_linear, the transpose of a Conv1D weight), and put the
+    results back in the stored layout (``TensorRole.join``); other tensors are passed whole (SPEC
+    §1.2 "Fused tensors")."""
+    if role.role is not Role.FUSED_LINEAR and not role.transposed:
         return fn(*tensors)
-    parts = [t.chunk(role.blocks, dim=0) for t in tensors]
-    return torch.cat([fn(*blk) for blk in zip(*parts)], dim=0)
+    parts = [role.split(t) for t in tensors]
+    return role.join([fn(*blk) for blk in zip(*parts)])
 
 
 # WA, TA --------------------------------------------------------------------------------------
@@ -301,9 +303,18 @@ def ties_trim_(t: torch.Tensor, p: float) -> torch.Tensor:
     return _zero_below(t, m)
 
 
-def _row_blocks(role: TensorRole, t: torch.Tensor) -> Sequence[torch.Tensor]:
-    """The q/k/v row blocks of a fused_linear tensor (views), or ``t`` itself."""
-    return t.chunk(role.blocks, dim=0) if role.role is Role.FUSED_LINEAR else (t,)
+def _trim_blocks_(role: TensorRole, t: torch.Tensor, p: float) -> None:
+    """``ties_trim_`` of each q/k/v block of a fused_linear tensor (of ``t`` itself otherwise), in
+    place: the blocks are views of ``t``, except per-head blocks (GPT-NeoX), which are gathered
+    copies and written back."""
+    if role.role is not Role.FUSED_LINEAR:
+        ties_trim_(t, p)
+        return
+    blocks = role.split(t)
+    for blk in blocks:
+        ties_trim_(blk, p)
+    if role.heads > 1:
+        t.copy_(role.join(blocks))
 
 
 class SignElectedMerge(Technique):
@@ -390,8 +401,7 @@ class TIES(SignElectedMerge):
                 _zero_below(t, float(m))
         else:
             for t in taus:
-                for blk in _row_blocks(x.role, t):  # views: each fused block trimmed in place
-                    ties_trim_(blk, p)
+                _trim_blocks_(x.role, t, p)
         # sign election and disjoint merge are elementwise: one call over the whole tensor gives
         # the same values as one call per fused block
         return disjoint_merge(taus, mode, consume=True)

@@ -1,8 +1,10 @@
 """WUDI-Merging (SPEC §3.3; Cheng et al., ICML 2025, "Whoever started the interference should end
 it: guiding data-free model merging via task vectors").
 
-Per linear map (every ``linear`` weight; each row block q, k, v of a ``fused_linear`` separately)
-the merged task vector τ_m minimises the interference of the merge with each task's own inputs,
+Per linear map (every ``linear`` weight; each row block q, k, v of a ``fused_linear`` separately;
+always as an out × in matrix, the transpose of a Conv1D weight: ``TensorRole.split``; the rows of
+τ_i are the output units, so a Conv1D weight used as stored would swap inputs and outputs) the
+merged task vector τ_m minimises the interference of the merge with each task's own inputs,
 approximated by the rows of its task vector (the paper's Eq. for L(τ_m)):
 
     L(τ_m) = Σ_i ‖(τ_m − τ_i) τ_iᵀ‖²_F / ‖τ_i‖²_F.
@@ -249,6 +251,7 @@ class WUDI(Strategy):
     name = "wudi"
     paper = "Cheng et al., ICML 2025, 'Whoever started the interference should end it: guiding data-free model merging via task vectors' (WUDI-Merging)"
     requires_zs_init = True
+    required_treatment = "solved"
     param_defs = (
         Param("solver", str, "adam", "adam: the reference's paired continual form; exact: closed form over all experts", choices=SOLVERS),
         Param("lr", float, 1e-5, "Adam learning rate", min=0.0, min_open=True),
@@ -261,6 +264,9 @@ class WUDI(Strategy):
         self.solver = self.params["solver"]
 
     # Declarations ------------------------------------------------------------------------------
+    def treatment(self, meta: TensorMeta) -> str:
+        return "solved" if meta.role.matrix else "averaged"
+
     def state_sets(self, t: int) -> tuple[str, ...]:
         return ("merged",) if self.solver == "adam" else ("A", "B", "mean")
 
@@ -273,7 +279,10 @@ class WUDI(Strategy):
         if sink == "merged":
             return meta.shape
         if sink == "A":
-            return (meta.role.row_blocks * meta.shape[1], meta.shape[1]) if matrix and len(meta.shape) == 2 else None
+            if not (matrix and len(meta.shape) == 2):
+                return None
+            d_in = meta.role.matrix_shape(meta.shape)[1]
+            return (meta.role.row_blocks * d_in, d_in)
         if sink == "B":
             return meta.shape if matrix else None
         if sink == "mean":
@@ -318,11 +327,11 @@ class WUDI(Strategy):
             return PassOutput(tensors={"deploy": inp.base + mean, "mean": mean})
         _require_2d(meta.role, tau)
         nb = meta.role.row_blocks
-        d_in = tau.shape[1]
+        d_in = meta.role.matrix_shape(tau.shape)[1]
         a_prev = inp.state["A"].chunk(nb, dim=0) if t > 1 else [None] * nb
-        b_prev = inp.state["B"].chunk(nb, dim=0) if t > 1 else [None] * nb
+        b_prev = meta.role.split(inp.state["B"]) if t > 1 else [None] * nb
         a_out, b_out, m_out = [], [], []
-        for tau_j, a_j, b_j in zip(tau.chunk(nb, dim=0), a_prev, b_prev):
+        for tau_j, a_j, b_j in zip(meta.role.split(tau), a_prev, b_prev, strict=True):
             g, tg = gram_stats(tau_j)
             a_new = g if a_j is None else a_j.to(torch.float64) + g
             b_new = tg if b_j is None else b_j.to(torch.float64) + tg
@@ -331,11 +340,11 @@ class WUDI(Strategy):
             m_out.append(wudi_solve(a_new, b_new, self.params["rcond"]))
         a_cat = torch.cat(a_out, dim=0)
         assert a_cat.shape == (nb * d_in, d_in)
-        m = torch.cat(m_out, dim=0).to(torch.float32)
+        m = meta.role.join(m_out).to(torch.float32)
         return PassOutput(
             tensors={
                 "deploy": inp.base + m,
                 "A": a_cat.to(torch.float32),
-                "B": torch.cat(b_out, dim=0).to(torch.float32),
+                "B": meta.role.join(b_out).to(torch.float32),
             }
         )
