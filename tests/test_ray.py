@@ -28,7 +28,11 @@ RAY = '[engine]\nbackend = "ray"\n[engine.ray]\ntask_bytes = 40000\n'
 def cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # generous node health checks: under `pytest -n 2` the other worker's torch jobs can starve the
+    # raylet's heartbeats on 2 cores, and a node marked dead takes this (driver) process with it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config={"health_check_failure_threshold": 60, "health_check_timeout_ms": 30000,
+                             "health_check_period_ms": 3000})
     yield
     ray.shutdown()
 
